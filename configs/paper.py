@@ -1,0 +1,34 @@
+"""Paper-scale presets: a ViT-L/14 (224 px) tower, 64 perceiver latents and a Llama-family LM.
+
+  --config configs/paper.py:1b   Llama-3.2-1B shape, cross-attention every layer
+  --config configs/paper.py:3b   Llama-3.2-3B shape, every 2 layers ("OpenFlamingo-4B" class; paper default)
+  --config configs/paper.py:7b   Llama-2-7B shape, every 4 layers ("9B" class)
+
+Parameters are float32 (the optimizer's master copy), compute is bfloat16, and each scanned block is
+rematerialised. Load pretrained towers rather than training these from scratch.
+"""
+
+from unimp_jax import config as config_lib
+
+LMS = {
+    '1b': dict(vocab_size=128256, width=2048, mlp_dim=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+               rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, cross_attn_every=1),
+    '3b': dict(vocab_size=128256, width=3072, mlp_dim=8192, num_layers=28, num_heads=24, num_kv_heads=8,
+               rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, cross_attn_every=2),
+    '7b': dict(vocab_size=32000, width=4096, mlp_dim=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+               rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, cross_attn_every=4),
+}
+
+
+def get_config(arg='3b'):
+  if arg not in LMS:
+    raise ValueError(f'configs/paper.py:{arg}: unknown preset; choose one of {sorted(LMS)}')
+  c = config_lib.base_config()
+  c.model.update(dtype='bfloat16', param_dtype='float32', remat='full')
+  c.model.vision.update(image_size=224, patch_size=14, width=1024, depth=24, mlp_dim=4096, num_heads=16,
+                        act='quick_gelu')
+  c.model.connector.update(num_latents=64, depth=6, num_heads=16, head_dim=64)
+  c.model.lm.update(**LMS[arg])
+  c.mesh.update(data=1, fsdp=-1)
+  c.data.update(batch_size=48, seq_len=1024, num_images=10)
+  return c

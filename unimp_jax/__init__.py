@@ -1,0 +1,1 @@
+"""UniMP in JAX: one vision-language model for multi-modal personalization."""

@@ -1,0 +1,153 @@
+"""The configuration tree every preset in configs/ starts from, and its one-time validation.
+
+Sections: `model` (vision, connector, lm), `mesh` (axis sizes and the logical-axis rules table) and
+`data` (the batch shape). Configs are locked, so a misspelt key, in a file or on the command line
+(`--config.model.lm.num_layers=8`), fails at once and names the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from unimp_jax.sharding import mesh as mesh_lib
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+REMAT = ('none', 'full', 'dots', 'dots_no_batch')
+ACTIVATIONS = ('quick_gelu', 'gelu')
+MEDIA_MASKS = ('previous', 'all')
+ALPHA_TYPES = ('float', 'vector')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The `tiny` preset (SPEC §7): seconds on a CPU. Other presets override `model`."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = 'float32'         # compute dtype: bfloat16 on accelerators
+  c.model.param_dtype = 'float32'   # storage dtype of parameters (and optimizer state)
+  c.model.remat = 'none'            # what the backward pass recomputes, per scanned block
+  c.model.vision = ml_collections.ConfigDict(dict(
+      image_size=32, patch_size=8, channels=3, width=64, depth=2, mlp_dim=256, num_heads=4,
+      act='quick_gelu', norm_eps=1e-5))
+  c.model.connector = ml_collections.ConfigDict(dict(
+      num_latents=8, depth=2, num_heads=4, head_dim=16, mlp_ratio=4, qk_norm=False, norm_eps=1e-5))
+  c.model.lm = ml_collections.ConfigDict(dict(
+      vocab_size=4096,
+      # Rows for `<image>`, `<|endofchunk|>`, `<answer>`, ratings, slots, items and image codes. The
+      # dataset's tokenizer sets the real count; `<image>` is always the first added token.
+      added_vocab_size=16,
+      width=128, mlp_dim=352, num_layers=4, num_heads=4, num_kv_heads=4, rope_theta=10000.0,
+      norm_eps=1e-6, tie_embeddings=False,
+      cross_attn_every=2, media_mask='previous', alpha_type='float', qk_norm=False))
+  c.model.image_token_id = c.model.lm.get_ref('vocab_size')
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = mesh_lib.DEFAULT_RULES
+
+  c.data = ml_collections.ConfigDict()
+  c.data.batch_size = 8     # global batch, split over mesh.data x mesh.fsdp
+  c.data.seq_len = 128
+  c.data.num_images = 5     # image slots per example
+  return c
+
+
+def _check(ok: bool, key: str, message: str):
+  if not ok:
+    raise ConfigError(f'config.{key}: {message}')
+
+
+def _check_choice(cfg, key: str, choices):
+  value = cfg
+  for part in key.split('.'):
+    value = value[part]
+  _check(value in choices, key, f'{value!r} is not one of {choices}')
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Checks everything that can be checked before compiling; returns the resolved mesh shape."""
+  m, v, c, lm = cfg.model, cfg.model.vision, cfg.model.connector, cfg.model.lm
+  for key, choices in (('model.dtype', DTYPES), ('model.param_dtype', DTYPES), ('model.remat', REMAT),
+                       ('model.vision.act', ACTIVATIONS), ('model.lm.media_mask', MEDIA_MASKS),
+                       ('model.lm.alpha_type', ALPHA_TYPES)):
+    _check_choice(cfg, key, choices)
+  _check(v.image_size % v.patch_size == 0, 'model.vision.image_size',
+         f'{v.image_size} is not a multiple of model.vision.patch_size={v.patch_size}')
+  _check(v.width % v.num_heads == 0, 'model.vision.num_heads',
+         f'model.vision.width={v.width} is not divisible by {v.num_heads} heads')
+  _check(lm.width % lm.num_heads == 0, 'model.lm.num_heads',
+         f'model.lm.width={lm.width} is not divisible by {lm.num_heads} heads')
+  _check(lm.num_heads % lm.num_kv_heads == 0, 'model.lm.num_kv_heads',
+         f'{lm.num_heads} query heads cannot be grouped into {lm.num_kv_heads} key/value heads')
+  _check((lm.width // lm.num_heads) % 2 == 0, 'model.lm.num_heads', 'rotary embeddings need an even head dim')
+  _check(lm.num_layers % lm.cross_attn_every == 0, 'model.lm.cross_attn_every',
+         f'model.lm.num_layers={lm.num_layers} is not a multiple of {lm.cross_attn_every}')
+  _check(lm.added_vocab_size >= 1, 'model.lm.added_vocab_size', 'must be >= 1: `<image>` is an added token')
+  _check(0 <= m.image_token_id < lm.vocab_size + lm.added_vocab_size, 'model.image_token_id',
+         f'{m.image_token_id} is outside the vocabulary [0, {lm.vocab_size + lm.added_vocab_size})')
+
+  try:
+    shape = mesh_lib.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  data, fsdp, tensor = shape
+  for key, heads in (('model.vision.num_heads', v.num_heads), ('model.connector.num_heads', c.num_heads),
+                     ('model.lm.num_heads', lm.num_heads), ('model.lm.num_kv_heads', lm.num_kv_heads)):
+    _check(heads % tensor == 0, key, f'{heads} heads are not divisible by mesh.tensor={tensor}; '
+           'lower mesh.tensor or change the head count')
+  _check(cfg.data.batch_size % (data * fsdp) == 0, 'data.batch_size',
+         f'{cfg.data.batch_size} is not divisible by mesh.data*mesh.fsdp={data * fsdp}')
+  rule_names = {name for name, _ in cfg.mesh.rules}
+  for name, target in cfg.mesh.rules:
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for axis in targets:
+      _check(axis in mesh_lib.MESH_AXES, 'mesh.rules', f'{name!r} maps to unknown mesh axis {axis!r}; '
+             f'mesh axes are {mesh_lib.MESH_AXES}')
+  missing = {name for name, _ in mesh_lib.DEFAULT_RULES} - rule_names
+  _check(not missing, 'mesh.rules', f'no rule for logical axes {sorted(missing)}')
+  return shape
+
+
+def load(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]` with `--config.KEY=VALUE` style overrides, exactly as the command line does."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True)
+  try:
+    flag_values(['load', f'--config={path}', *(f'--config.{o}' for o in overrides)])
+  except flags.Error as e:
+    raise ConfigError(str(e)) from None
+  return flag_values.config
+
+
+def num_params_analytic(model_cfg) -> dict[str, int]:
+  """Parameter counts from the architecture's formulas, written independently of the module code."""
+  v, c, lm = model_cfg.vision, model_cfg.connector, model_cfg.lm
+  d, f = v.width, v.mlp_dim
+  patches = (v.image_size // v.patch_size) ** 2
+  vision = (v.patch_size ** 2 * v.channels * d + d + (patches + 1) * d + 2 * d + 2 * d
+            + v.depth * (4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d))
+  inner = c.num_heads * c.head_dim
+  connector = (c.num_latents * d + 2 * d + c.depth * (
+      3 * 2 * d + 3 * d * inner + inner * d + 2 * d * c.mlp_ratio * d + (2 * 2 * c.head_dim if c.qk_norm else 0)))
+  w, hd = lm.width, lm.width // lm.num_heads
+  vocab = lm.vocab_size + lm.added_vocab_size
+  attn = w * lm.num_heads * hd * 2 + w * lm.num_kv_heads * hd * 2
+  swiglu = 3 * w * lm.mlp_dim
+  decoder = lm.num_layers * (attn + swiglu + 2 * w)
+  alpha = w if lm.alpha_type == 'vector' else 1
+  cross = (lm.num_layers // lm.cross_attn_every) * (
+      2 * w * lm.num_heads * hd + 2 * d * lm.num_heads * hd + swiglu + 2 * w + 2 * alpha
+      + (2 * hd if lm.qk_norm else 0))
+  embeddings = vocab * w * (1 if lm.tie_embeddings else 2)
+  language = embeddings + decoder + cross + w
+  return dict(vision=vision, connector=connector, lm=language, cross_attention=cross,
+              total=vision + connector + language)

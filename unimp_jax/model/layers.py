@@ -1,0 +1,137 @@
+"""Building blocks shared by the vision tower, the connector and the language model.
+
+Parameters may carry leading *stack* dimensions (one per scanned layer axis): a module built with
+``stack=(G,)`` holds G layers' weights in one array per parameter, and :func:`scan` runs them with
+``jax.lax.scan``. Logical axis names for a stack dimension are ``layers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+normal = jax.nn.initializers.normal
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype, stack: Sequence[int] = ()) -> nnx.Param:
+  """An nnx.Param of shape (*stack, *shape) whose logical axes are ('layers', ..., *axes)."""
+  if len(axes) != len(shape):
+    raise ValueError(f'{len(axes)} logical axes {tuple(axes)} for shape {tuple(shape)}')
+  value = init(rngs.params(), (*stack, *shape), dtype)
+  return nnx.Param(value, logical_axes=(('layers',) * len(stack)) + tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch.nn.Linear.weight)."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, use_bias: bool = False,
+               dtype=jnp.float32, param_dtype=jnp.float32, stack: Sequence[int] = (), rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.kernel = param(rngs, normal(0.02), (d_in, d_out), axes, param_dtype, stack)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (d_out,), axes[1:], param_dtype, stack) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
+               stack: Sequence[int] = (), rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (None,), param_dtype, stack)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), (None,), param_dtype, stack)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Llama's RMSNorm: x / rms(x) * scale, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
+               stack: Sequence[int] = (), rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (None,), param_dtype, stack)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's original activation
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+}
+
+
+def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the rotate-half layout of Hugging Face Llama checkpoints."""
+  head_dim = x_bthd.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(jnp.concatenate([angles_btf, angles_btf], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles_btf, angles_btf], -1))[:, :, None, :]
+  x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], -1)
+  return (x_bthd * cos + rotated * sin).astype(x_bthd.dtype)
+
+
+def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
+              mask_bts: jax.Array | None = None) -> jax.Array:
+  """Scaled dot-product attention with grouped-query heads (H = K * groups); softmax in float32.
+
+  Masked logits get the dtype's minimum rather than -inf, so a fully masked row gives a finite
+  (uniform) average instead of NaN; callers zero such rows where they matter (see the gated
+  cross-attention).
+  """
+  b, t, h, d = q_bthd.shape
+  k = k_bskd.shape[2]
+  q = q_bthd.reshape(b, t, k, h // k, d)
+  logits = jnp.einsum('btkgd,bskd->bkgts', q, k_bskd, preferred_element_type=jnp.float32) * d**-0.5
+  if mask_bts is not None:
+    logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v_bskd)
+  return out.reshape(b, t, h, d)
+
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan(stacked: nnx.Module, body: Callable, carry, xs=None, *, remat: str = 'none'):
+  """Runs `body(layer, carry, x) -> (carry, y)` over the leading stack axis of `stacked`.
+
+  The layer weights are split out of the module and scanned as ordinary arrays, so the compiled
+  program holds one layer's code regardless of depth; `remat` selects what the backward pass keeps.
+  """
+  graphdef, state = nnx.split(stacked)
+
+  def step(carry, inputs):
+    layer_state, x = inputs
+    return body(nnx.merge(graphdef, layer_state), carry, x)
+
+  if remat != 'none':
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(step, carry, (state, xs))
