@@ -119,12 +119,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
 
 def load(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """Loads `path[:arg]` with `--config.KEY=VALUE` style overrides, exactly as the command line does."""
+  argv = ['load', f'--config={path}', *(f'--config.{o}' for o in overrides)]
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True)
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True, sys_argv=argv)
   try:
-    flag_values(['load', f'--config={path}', *(f'--config.{o}' for o in overrides)])
-  except flags.Error as e:
-    raise ConfigError(str(e)) from None
+    flag_values(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    raise ConfigError(f'{path} with overrides {list(overrides)}: {e}') from None
   return flag_values.config
 
 

@@ -139,8 +139,10 @@ class LanguageModel(nnx.Module):
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     is_added = tokens_bt >= self.vocab_size
-    base = jnp.take(self.embed[...], jnp.where(is_added, 0, tokens_bt), axis=0)
-    added = jnp.take(self.added_embed[...], jnp.where(is_added, tokens_bt - self.vocab_size, 0), axis=0)
+    # Gather whole rows: un-shard the width (fsdp) first, as for any fsdp weight at its use.
+    table, added_table = constrain(self.embed[...], ('vocab', None)), constrain(self.added_embed[...], (None, None))
+    base = jnp.take(table, jnp.where(is_added, 0, tokens_bt), axis=0)
+    added = jnp.take(added_table, jnp.where(is_added, tokens_bt - self.vocab_size, 0), axis=0)
     return constrain(jnp.where(is_added[..., None], added, base).astype(self.dtype), ACT_BTD)
 
   def logits(self, x_btd: jax.Array) -> jax.Array:

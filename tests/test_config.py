@@ -1,0 +1,72 @@
+"""Config loading, validation at start-up, and parameter counts of every preset."""
+
+import math
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from unimp_jax import config as config_lib
+from unimp_jax.model import unimp
+
+PRESETS = ['configs/tiny.py', 'configs/small.py', 'configs/paper.py:1b', 'configs/paper.py:3b',
+           'configs/paper.py:7b']
+
+
+def test_command_line_overrides_apply_and_unknown_keys_fail():
+  cfg = config_lib.load('configs/tiny.py', ('model.lm.num_layers=8', 'model.lm.vocab_size=1000'))
+  assert cfg.model.lm.num_layers == 8
+  assert cfg.model.image_token_id == 1000  # follows the vocabulary: `<image>` is the first added token
+  with pytest.raises(config_lib.ConfigError, match='model.lm.num_layrs'):
+    config_lib.load('configs/tiny.py', ('model.lm.num_layrs=8',))
+
+
+@pytest.mark.parametrize('overrides,key', [
+    (('mesh.tensor=8',), 'model.vision.num_heads'),
+    (('mesh.data=3',), 'mesh'),
+    (('mesh.fsdp=-1', 'mesh.data=-1'), 'mesh'),
+    (('data.batch_size=12',), 'data.batch_size'),
+    (('model.lm.num_kv_heads=3',), 'model.lm.num_kv_heads'),
+    (('model.lm.cross_attn_every=3',), 'model.lm.cross_attn_every'),
+    (('model.lm.media_mask=nearest',), 'model.lm.media_mask'),
+    (('model.vision.patch_size=7',), 'model.vision.image_size'),
+])
+def test_bad_configs_fail_before_compiling_and_name_the_key(overrides, key):
+  cfg = config_lib.load('configs/tiny.py', overrides)
+  with pytest.raises(config_lib.ConfigError, match=f'config.{key}'):
+    config_lib.validate(cfg, 8)
+
+
+@pytest.mark.parametrize('preset', PRESETS)
+def test_parameter_counts_match_the_analytic_formula(preset):
+  cfg = config_lib.load(preset)
+  _, state = unimp.abstract_model(cfg.model)  # shapes only: paper presets are never allocated
+  by_tower = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    tower = path[0].key
+    by_tower[tower] = by_tower.get(tower, 0) + math.prod(leaf.shape)
+  analytic = config_lib.num_params_analytic(cfg.model)
+  assert by_tower == {k: analytic[k] for k in ('vision', 'connector', 'lm')}
+
+
+def test_paper_preset_sizes_are_what_their_names_say():
+  totals = {p: config_lib.num_params_analytic(config_lib.load(f'configs/paper.py:{p}').model)
+            for p in ('1b', '3b', '7b')}
+  # A ViT-L/14 tower is ~0.30B parameters.
+  assert all(abs(t['vision'] - 303e6) < 1e6 for t in totals.values())
+  # The LMs without cross-attention are Llama-3.2-1B (1.24B), Llama-3.2-3B (3.21B) and Llama-2-7B (6.74B).
+  for preset, llama in (('1b', 1.236e9), ('3b', 3.213e9), ('7b', 6.738e9)):
+    lm_only = totals[preset]['lm'] - totals[preset]['cross_attention'] - 16 * 2 * (
+        2048 if preset == '1b' else 3072 if preset == '3b' else 4096)
+    assert abs(lm_only - llama) / llama < 0.01, (preset, lm_only)
+
+
+def test_summary_command_prints_counts_and_shardings():
+  out = subprocess.run([sys.executable, '-m', 'unimp_jax.model.summary', '--config', 'configs/paper.py:3b',
+                        '--devices', '16', '--config.data.batch_size=16'],
+                       capture_output=True, text=True, check=True, timeout=300).stdout
+  assert 'mesh (data, fsdp, tensor) = (1, 16, 1)' in out
+  assert 'lm/groups/layers/mlp/gate/kernel' in out and '(-, -, fsdp, -)' in out
+  total = config_lib.num_params_analytic(config_lib.load('configs/paper.py:3b').model)['total']
+  assert f'{total:,d}' in out

@@ -1,0 +1,128 @@
+"""Behaviour of the UniMP model: gates, the media mask and the KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from unimp_jax import config as config_lib
+from unimp_jax.model import unimp
+from unimp_jax.model.lm import GatedCrossAttention
+from unimp_jax.sharding import mesh as mesh_lib
+
+CFG = config_lib.base_config()
+IMAGE = CFG.model.image_token_id
+VOCAB = CFG.model.lm.vocab_size
+
+
+def _model(alpha=None, seed=0):
+  model = unimp.create_sharded(CFG.model, mesh_lib.make_mesh(CFG.mesh), CFG.mesh.rules, seed=seed)
+  if alpha is not None:  # open the gates so that images change the output
+    cross = model.lm.groups.cross
+    cross.alpha_attn[...] = jnp.full(cross.alpha_attn.shape, alpha)
+    cross.alpha_mlp[...] = jnp.full(cross.alpha_mlp.shape, alpha)
+  return model
+
+
+def _forward(model, tokens, images=None, mask=None):
+  graphdef, state = nnx.split(model)
+  return np.asarray(unimp.jit_forward(graphdef)(state, tokens, images, mask))
+
+
+def _batch(seed=0, batch=2, length=40, image_positions=(5, 17, 29), num_images=3):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, VOCAB, (batch, length))
+  tokens[:, list(image_positions)] = IMAGE
+  images = rng.normal(size=(batch, num_images, 32, 32, 3)).astype(np.float32)
+  return tokens, images
+
+
+def test_closed_gates_give_the_text_only_lm():
+  tokens, images = _batch()
+  model = _model()
+  assert not np.any(np.asarray(model.lm.groups.cross.alpha_attn[...]))
+  np.testing.assert_array_equal(_forward(model, tokens, images), _forward(model, tokens))
+  opened = _model(alpha=0.5)
+  assert np.abs(_forward(opened, tokens, images) - _forward(opened, tokens)).max() > 1e-3
+
+
+def test_changing_image_k_leaves_everything_before_it_unchanged():
+  positions = (5, 17, 29)
+  tokens, images = _batch(image_positions=positions)
+  model = _model(alpha=1.0)
+  base = _forward(model, tokens, images)
+  for k, pos in enumerate(positions):
+    changed = images.copy()
+    changed[:, k] = np.random.default_rng(10 + k).normal(size=changed[:, k].shape)
+    out = _forward(model, tokens, changed)
+    np.testing.assert_array_equal(out[:, :pos], base[:, :pos])
+    assert np.abs(out[:, pos:] - base[:, pos:]).max() > 1e-4
+
+
+@pytest.mark.parametrize('mode', ['previous', 'all'])
+def test_cross_attention_sees_the_images_the_media_mask_allows(mode):
+  lm = CFG.model.lm
+  block = GatedCrossAttention(lm, CFG.model.vision.width, dtype=jnp.float32, param_dtype=jnp.float32,
+                              stack=(), rngs=nnx.Rngs(0))
+  block.alpha_attn[...] = jnp.ones_like(block.alpha_attn[...])
+  num_images, num_latents, length = 3, 4, 24
+  positions = (4, 10, 17)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (1, length))
+  tokens[0, list(positions)] = IMAGE
+  x = jnp.asarray(rng.normal(size=(1, length, lm.width)), jnp.float32)
+  latents = rng.normal(size=(1, num_images * num_latents, CFG.model.vision.width)).astype(np.float32)
+  media = unimp.media_index(tokens, IMAGE)
+  mask = unimp.cross_attention_mask(media, num_images, num_latents, mode)
+
+  def cross_output(lat):  # the gated cross-attention term alone (alpha_mlp = 0)
+    k, v = block.project_kv(jnp.asarray(lat))
+    return np.asarray(block(x, k, v, mask, mask.any(-1)) - x)[0]
+
+  base = cross_output(latents)
+  np.testing.assert_array_equal(base[:positions[0]], 0.0)  # before any image: exactly zero
+  assert np.all(np.abs(base[positions[0]:]).max(-1) > 0)
+  for j in range(num_images):
+    changed = latents.copy()
+    changed[:, j * num_latents:(j + 1) * num_latents] += 1.0
+    out = cross_output(changed)
+    sees_j = (media[0] == j) if mode == 'previous' else (media[0] >= j)
+    sees_j = np.asarray(sees_j)
+    np.testing.assert_array_equal(out[~sees_j], base[~sees_j])
+    assert np.all(np.abs(out[sees_j] - base[sees_j]).max(-1) > 0)
+
+
+def test_kv_cache_decoding_matches_full_forward():
+  """Prefill a right-padded prompt with images, then decode one token at a time (one of them an
+  `<image>` that opens the next slot); every step's logits must equal a full forward pass."""
+  model = _model(alpha=0.7)
+  graphdef, state = nnx.split(model)
+  prompt, images = _batch(seed=3, length=24, image_positions=(2, 11), num_images=3)
+  prompt_mask = np.ones_like(prompt, bool)
+  prompt_mask[0, 18:] = False  # row 0 has a 6-token shorter prompt
+  steps = np.random.default_rng(4).integers(0, VOCAB, (2, 6))
+  steps[:, 2] = IMAGE
+
+  @jax.jit
+  def prefill(state, tokens, images, mask):
+    return nnx.merge(graphdef, state).prefill(tokens, images, mask, max_len=32)
+
+  @jax.jit
+  def decode(state, tokens, cache):
+    return nnx.merge(graphdef, state).decode(tokens, cache)
+
+  prompt_logits, cache = prefill(state, prompt, images, prompt_mask)
+  decoded = []
+  for i in range(steps.shape[1]):
+    logits, cache = decode(state, steps[:, i:i + 1], cache)
+    decoded.append(np.asarray(logits[:, 0]))
+
+  for row in range(2):
+    n = int(prompt_mask[row].sum())
+    full = np.concatenate([prompt[row, :n], steps[row]])[None]
+    expected = _forward(model, full, images[row:row + 1])[0]
+    np.testing.assert_allclose(np.asarray(prompt_logits)[row, :n], expected[:n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.stack(decoded)[:, row], expected[n:], atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(np.asarray(cache['length']), prompt_mask.sum(1) + steps.shape[1])
+  np.testing.assert_array_equal(np.asarray(cache['media']), [2, 2])
