@@ -1,5 +1,7 @@
 """Behaviour of the UniMP model: gates, the media mask and the KV cache."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,19 @@ IMAGE = CFG.model.image_token_id
 VOCAB = CFG.model.lm.vocab_size
 
 
-def _model(alpha=None, seed=0):
-  model = unimp.create_sharded(CFG.model, mesh_lib.make_mesh(CFG.mesh), CFG.mesh.rules, seed=seed)
+@functools.cache
+def _initial_weights():
+  # One device: these tests are about numerics; tests/test_sharding.py covers the meshes.
+  mesh = mesh_lib.make_mesh(CFG.mesh, jax.devices()[:1])
+  return nnx.split(unimp.create_sharded(CFG.model, mesh, CFG.mesh.rules, seed=0))
+
+
+_compiled_forward = functools.cache(unimp.jit_forward)
+
+
+def _model(alpha=None):
+  graphdef, state = _initial_weights()
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
   if alpha is not None:  # open the gates so that images change the output
     cross = model.lm.groups.cross
     cross.alpha_attn[...] = jnp.full(cross.alpha_attn.shape, alpha)
@@ -27,7 +40,7 @@ def _model(alpha=None, seed=0):
 
 def _forward(model, tokens, images=None, mask=None):
   graphdef, state = nnx.split(model)
-  return np.asarray(unimp.jit_forward(graphdef)(state, tokens, images, mask))
+  return np.asarray(_compiled_forward(graphdef)(state, tokens, images, mask))
 
 
 def _batch(seed=0, batch=2, length=40, image_positions=(5, 17, 29), num_images=3):
@@ -126,3 +139,32 @@ def test_kv_cache_decoding_matches_full_forward():
     np.testing.assert_allclose(np.stack(decoded)[:, row], expected[n:], atol=1e-5, rtol=0)
   np.testing.assert_array_equal(np.asarray(cache['length']), prompt_mask.sum(1) + steps.shape[1])
   np.testing.assert_array_equal(np.asarray(cache['media']), [2, 2])
+
+
+def _graphdef(**model_overrides):
+  """The graph of a tiny model with other static settings, to merge with existing weights."""
+  cfg = config_lib.base_config()
+  cfg.model.update(model_overrides)
+  return unimp.abstract_model(cfg.model)[0]
+
+
+def test_remat_changes_memory_not_gradients():
+  tokens, images = _batch(length=24, image_positions=(3, 12), num_images=2)
+  _, state = nnx.split(_model(alpha=0.5))
+
+  def grads(remat):
+    graphdef = _graphdef(remat=remat)
+    loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens, images) ** 2)
+    return jax.jit(jax.grad(loss))(state)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads('full'), grads('none'))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  tokens, images = _batch(length=24, image_positions=(3, 12), num_images=2)
+  _, state = nnx.split(_model(alpha=0.5))
+  logits = _compiled_forward(_graphdef())(state, tokens, images)
+  logits_low = _compiled_forward(_graphdef(dtype='bfloat16'))(state, tokens, images)
+  assert logits_low.dtype == jnp.float32
+  assert np.abs(logits_low - logits).max() < 0.05 * np.abs(logits).max()
+  assert np.abs(logits_low - logits).max() > 0  # the low-precision path really ran

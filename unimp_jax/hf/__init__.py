@@ -1,0 +1,1 @@
+"""Hugging Face interop: name/layout mapping to CLIP, Llama and IDEFICS checkpoints."""

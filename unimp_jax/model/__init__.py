@@ -1,0 +1,1 @@
+"""Model towers: vision encoder, perceiver connector, language model, and UniMP."""
