@@ -4,6 +4,9 @@ Each test builds a tiny randomly initialised HF model, perturbs every parameter 
 biases, unit norms and zero gates are exercised too), loads its state dict into our model through the
 explicit mapping in `unimp_jax.hf.mapping`, and compares outputs on the same inputs, including a batch
 with right padding and a prompt of >= 256 tokens with several images (short prompts hide rotary bugs).
+
+Our model runs in float32. The reference runs the same float32-representable weights in float64, so
+the tolerance measures our error alone, not the sum of two float32 errors (typically ~5e-6 here).
 """
 
 import jax
@@ -21,17 +24,22 @@ from unimp_jax.sharding import mesh as mesh_lib  # noqa: E402
 
 TOL = 1e-4
 
+# The reference runs single-threaded without oneDNN: in this suite's CI, transformers' multi-threaded
+# CPU path once returned logits off by ~1e-4 (ours matched the value it gives on every other run).
+torch.set_num_threads(1)
+torch.backends.mkldnn.enabled = False
+
 
 def _perturb(model, seed=0):
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
       p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+  return model.double().eval()
 
 
 def _tensors(model):
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  return {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
 
 
 def _ours(model_cfg):
@@ -69,7 +77,7 @@ def test_clip_vision_parity():
 
   images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
-    out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)).double())
   tokens, pooled = jax.jit(lambda m, x: m.vision(x))(model, images)
   np.testing.assert_allclose(tokens, out.last_hidden_state.numpy(), atol=TOL, rtol=0)
   np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=TOL, rtol=0)
@@ -118,7 +126,7 @@ def _idefics(qk_norm: bool, interval: int, tied: bool, alpha_type: str, media: s
 def _idefics_logits(hf, tokens, images, mask, image_mask_btn):
   with torch.no_grad():
     return hf(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask),
-              pixel_values=torch.from_numpy(images.transpose(0, 1, 4, 2, 3)),
+              pixel_values=torch.from_numpy(images.transpose(0, 1, 4, 2, 3)).double(),
               image_attention_mask=torch.from_numpy(image_mask_btn.astype(np.int64))).logits.numpy()
 
 
@@ -140,3 +148,25 @@ def test_idefics_parity(qk_norm, interval, tied, alpha_type, media):
   logits = _forward(model, tokens, images, mask)
   assert logits.shape == expected.shape == (2, 288, 384 + 8)
   np.testing.assert_allclose(logits[mask], expected[mask], atol=TOL, rtol=0)
+
+
+def test_checkpoint_problems_name_the_tensor():
+  hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, tie_word_embeddings=False)
+  tensors = _tensors(transformers.LlamaForCausalLM(hf_cfg))
+  model_cfg = config_lib.base_config().model
+  mapping.update_llama_config(model_cfg, hf_cfg)
+  model = _ours(model_cfg)
+  initial = np.asarray(model.lm.embed[...])
+
+  missing = {k: v for k, v in tensors.items() if k != 'model.layers.1.mlp.up_proj.weight'}
+  with pytest.raises(mapping.MappingError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    mapping.load_llama(model, missing, model_cfg)
+  with pytest.raises(mapping.MappingError, match=r"'model\.layers\.0\.self_attn\.rotary\.extra' has no place"):
+    mapping.load_llama(model, {**tensors, 'model.layers.0.self_attn.rotary.extra': np.zeros(3)}, model_cfg)
+  wrong = dict(tensors, **{'model.embed_tokens.weight': np.zeros((300, 32), np.float32)})
+  with pytest.raises(mapping.MappingError, match=r"'model\.embed_tokens\.weight' gives shape \(300, 32\)"):
+    mapping.load_llama(model, wrong, model_cfg)
+  np.testing.assert_array_equal(np.asarray(model.lm.embed[...]), initial)  # failed loads change nothing
+  mapping.load_llama(model, tensors, model_cfg)
+  np.testing.assert_array_equal(np.asarray(model.lm.embed[...]), tensors['model.embed_tokens.weight'])
