@@ -82,7 +82,7 @@ class UniMP(nnx.Module):
   # ------------------------------------------------------------------------------------------------
   # Incremental decoding. The cache is a plain dict of arrays (a pytree), threaded functionally:
   #   k, v        [groups, layers per group, B, max_len, kv heads, head dim]  self-attention keys/values
-  #   cross_k/v   [groups, B, N * latents, heads, head dim]  image keys/values, projected once per prompt
+  #   cross_kv    ([groups, B, N * latents, heads, head dim],) * 2  image keys/values, once per prompt
   #   valid       [B, max_len] which cache slots hold real tokens
   #   index       next slot to write (shared by the batch)
   #   length      [B] real tokens so far (the next token's rotary position)
