@@ -15,6 +15,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
@@ -75,7 +76,7 @@ def main(argv):
     logits = forward(state, batch['tokens'], batch['images'], batch['mask']).block_until_ready()
     step_s = time.perf_counter() - start
 
-  finite = bool(jax.device_get(jax.numpy.isfinite(logits).all()))
+  finite = bool(jax.device_get(jnp.isfinite(logits).all()))
   report = dict(mesh=dict(zip(mesh_lib.MESH_AXES, mesh_shape)), parameters=int(num_params),
                 logits_shape=list(logits.shape), logits_finite=finite, init_seconds=round(init_s, 3),
                 first_call_seconds=round(compile_s, 3), forward_seconds=round(step_s, 4),

@@ -81,13 +81,19 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the rotate-half layout of Hugging Face Llama checkpoints."""
-  head_dim = x_bthd.shape[-1]
+def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos/sin [B, T, 1, head_dim] for the rotate-half layout of Hugging Face Llama checkpoints.
+
+  Computed once per forward pass and shared by every layer.
+  """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
-  cos = jnp.cos(jnp.concatenate([angles_btf, angles_btf], -1))[:, :, None, :]
-  sin = jnp.sin(jnp.concatenate([angles_btf, angles_btf], -1))[:, :, None, :]
+  angles_btd = jnp.concatenate([angles_btf, angles_btf], -1)[:, :, None, :]
+  return jnp.cos(angles_btd), jnp.sin(angles_btd)
+
+
+def rope(x_bthd: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+  cos, sin = tables
   x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], -1)
   return (x_bthd * cos + rotated * sin).astype(x_bthd.dtype)

@@ -35,7 +35,7 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
     d, hd = cfg.width, cfg.width // cfg.num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-    self.num_heads, self.num_kv_heads, self.rope_theta = cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta
+    self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
     self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     self.q = layers.Dense(d, cfg.num_heads * hd, ('embed', 'heads'), **kw)
     self.k = layers.Dense(d, cfg.num_kv_heads * hd, ('embed', 'kv_heads'), **kw)
@@ -44,13 +44,13 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     self.mlp = SwiGLU(d, cfg.mlp_dim, **kw)
 
-  def __call__(self, x_btd, *, positions_bt, mask_bts, cache_kv=None, cache_index=None):
+  def __call__(self, x_btd, *, rope_tables, mask_bts, cache_kv=None, cache_index=None):
     """With `cache_kv` ([B, T, K, hd] pair), writes this chunk's keys/values at `cache_index` and attends
     over the whole cache; returns the updated pair (or None without a cache)."""
     b, t, _ = x_btd.shape
     h = self.attn_norm(x_btd)
-    q = layers.rope(self.q(h).reshape(b, t, self.num_heads, -1), positions_bt, self.rope_theta)
-    k = layers.rope(self.k(h).reshape(b, t, self.num_kv_heads, -1), positions_bt, self.rope_theta)
+    q = layers.rope(self.q(h).reshape(b, t, self.num_heads, -1), rope_tables)
+    k = layers.rope(self.k(h).reshape(b, t, self.num_kv_heads, -1), rope_tables)
     v = self.v(h).reshape(b, t, self.num_kv_heads, -1)
     if cache_kv is not None:
       k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
@@ -126,6 +126,7 @@ class LanguageModel(nnx.Module):
     d, v, a = cfg.width, cfg.vocab_size, cfg.added_vocab_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.dtype, self.remat = v, dtype, remat
+    self.head_dim, self.rope_theta = d // cfg.num_heads, cfg.rope_theta
     num_groups = cfg.num_layers // cfg.cross_attn_every
     self.cache_dims = (num_groups, cfg.cross_attn_every, cfg.num_kv_heads, d // cfg.num_heads)
     self.embed = layers.param(rngs, layers.normal(0.02), (v, d), ('vocab', 'embed'), param_dtype)
@@ -166,6 +167,7 @@ class LanguageModel(nnx.Module):
     use_images = latents_bmd is not None or cross_kv is not None
     gate_bt = cross_mask_btm.any(-1) if use_images else None
     collect_cross = cache_kv is not None and cross_kv is None and use_images
+    rope_tables = layers.rope_tables(positions_bt, self.head_dim, self.rope_theta)
 
     def group_step(group, x, xs):
       self_kv, group_cross_kv = xs
@@ -176,7 +178,7 @@ class LanguageModel(nnx.Module):
         new_cross = (k, v) if collect_cross else None
 
       def layer_step(layer, x, kv):
-        return layer(x, positions_bt=positions_bt, mask_bts=mask_bts, cache_kv=kv, cache_index=cache_index)
+        return layer(x, rope_tables=rope_tables, mask_bts=mask_bts, cache_kv=kv, cache_index=cache_index)
 
       x, new_self_kv = layers.scan(group.layers, layer_step, x, self_kv)
       return x, (new_self_kv, new_cross)

@@ -41,6 +41,11 @@ def cross_attention_mask(media_bt: jax.Array, num_images: int, num_latents: int,
   return jnp.repeat(mask_btn, num_latents, axis=-1)
 
 
+def positions(valid_bt: jax.Array) -> jax.Array:
+  """Rotary positions that count real tokens only (padding repeats its neighbour's position)."""
+  return jnp.maximum(jnp.cumsum(valid_bt, axis=1) - 1, 0)
+
+
 class UniMP(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -68,7 +73,7 @@ class UniMP(nnx.Module):
     """
     b, t = tokens_bt.shape
     valid_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
-    positions_bt = jnp.maximum(jnp.cumsum(valid_bt, axis=1) - 1, 0)
+    positions_bt = positions(valid_bt)
     mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & valid_bt[:, None, :]
     latents, cross_mask = None, None
     if images_bnhwc is not None:
@@ -109,7 +114,7 @@ class UniMP(nnx.Module):
   def _step(self, tokens_bt, valid_bt, cache, latents_bmd):
     b, t = tokens_bt.shape
     index = cache['index']
-    positions_bt = cache['length'][:, None] + jnp.maximum(jnp.cumsum(valid_bt, axis=1) - 1, 0)
+    positions_bt = cache['length'][:, None] + positions(valid_bt)
     cache_valid = jax.lax.dynamic_update_slice(cache['valid'], valid_bt, (0, index))
     slots = jnp.arange(cache_valid.shape[1])
     mask_bts = (slots[None, None, :] <= index + jnp.arange(t)[None, :, None]) & cache_valid[:, None, :]
