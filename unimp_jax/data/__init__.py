@@ -1,0 +1,1 @@
+"""Data: unified on-disk format, converters, the embedded dataset, tokenizer, task builders, pipeline."""

@@ -1,0 +1,108 @@
+"""The dataset's tokenizer: a base text vocabulary plus UniMP's added tokens, saved with the dataset.
+
+The added tokens come after the base vocabulary, always in this order, so that `<image>` is the first
+added id (= the base vocabulary size, the model's `image_token_id`):
+
+    <image> <|endofchunk|> <answer>  rate_1..rate_5  s_0..s_{K-1}  item_0..item_{N-1}  img_0..img_{C-1}
+
+Item and image-code counts come from the data, never from a constant. The base vocabulary is either a
+byte-level BPE trained on the dataset's own text (the embedded default) or a tokenizer loaded from a
+local Hugging Face directory (never from a hub).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL = ('<image>', '<|endofchunk|>', '<answer>')
+BASE_SPECIAL = ('<pad>', '<s>', '</s>', '<unk>')
+LAYOUT_FILE = 'unimp_tokens.json'
+
+
+def added_tokens(num_items: int, num_slots: int, num_image_codes: int) -> list[str]:
+  return (list(SPECIAL) + [f'rate_{r}' for r in range(1, 6)] + [f's_{k}' for k in range(num_slots)]
+          + [f'item_{i}' for i in range(num_items)] + [f'img_{c}' for c in range(num_image_codes)])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+  """A byte-level BPE trained on `texts` (deterministic for the same texts and size)."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BASE_SPECIAL), show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', bos_token='<s>', eos_token='</s>',
+                                 unk_token='<unk>')
+
+
+def load_base(path: str) -> PreTrainedTokenizerFast:
+  """A tokenizer from a local Hugging Face directory (tokenizer.json etc.); nothing is downloaded."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'tokenizer directory {path} does not exist')
+  return AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+
+
+def with_unimp_tokens(base: PreTrainedTokenizerFast, *, num_items: int, num_slots: int,
+                      num_image_codes: int) -> PreTrainedTokenizerFast:
+  """Adds UniMP's tokens after the base vocabulary and records the layout in the tokenizer itself."""
+  base_size = len(base)
+  names = added_tokens(num_items, num_slots, num_image_codes)
+  base.add_tokens(names, special_tokens=False)
+  first = base.convert_tokens_to_ids(names[0])
+  if first != base_size or len(base) != base_size + len(names):
+    raise ValueError(f'added tokens did not land after the base vocabulary ({base_size}): some already exist')
+  base.unimp_layout = dict(base_vocab_size=base_size, num_items=num_items, num_slots=num_slots,
+                           num_image_codes=num_image_codes)
+  return base
+
+
+def save(tokenizer: PreTrainedTokenizerFast, path: str) -> None:
+  tokenizer.save_pretrained(path)
+  with open(os.path.join(path, LAYOUT_FILE), 'w') as f:
+    json.dump(tokenizer.unimp_layout, f, indent=2)
+
+
+def load(path: str) -> PreTrainedTokenizerFast:
+  tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+  with open(os.path.join(path, LAYOUT_FILE)) as f:
+    tokenizer.unimp_layout = json.load(f)
+  return tokenizer
+
+
+class TokenIds:
+  """Ids of UniMP's added tokens, by arithmetic on the layout (no string lookups in the hot path)."""
+
+  def __init__(self, layout: dict):
+    self.base_vocab_size = layout['base_vocab_size']
+    self.num_items, self.num_slots = layout['num_items'], layout['num_slots']
+    self.num_image_codes = layout['num_image_codes']
+    self.image, self.end_of_chunk, self.answer = (self.base_vocab_size + i for i in range(3))
+    self._rating0 = self.base_vocab_size + len(SPECIAL)
+    self._slot0 = self._rating0 + 5
+    self._item0 = self._slot0 + self.num_slots
+    self._code0 = self._item0 + self.num_items
+    self.added_vocab_size = self._code0 + self.num_image_codes - self.base_vocab_size
+
+  def rating(self, r: int) -> int:
+    if not 1 <= r <= 5:
+      raise ValueError(f'rating {r} is not in 1..5')
+    return self._rating0 + r - 1
+
+  def slot(self, k: int) -> int:
+    return self._slot0 + k
+
+  def item(self, i):
+    return self._item0 + i
+
+  def image_code(self, c):
+    return self._code0 + c
+
+  @property
+  def item_range(self) -> tuple[int, int]:
+    return self._item0, self._item0 + self.num_items
