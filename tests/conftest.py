@@ -8,6 +8,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()  # Grain worker processes read absl flags; under pytest nobody parses them
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 

@@ -11,6 +11,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from unimp_jax.data import pipeline, tasks
 from unimp_jax.sharding import mesh as mesh_lib
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -55,9 +56,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.rules = mesh_lib.DEFAULT_RULES
 
   c.data = ml_collections.ConfigDict()
-  c.data.batch_size = 8     # global batch, split over mesh.data x mesh.fsdp
+  c.data.path = 'data/generated/fashion'  # a unified dataset (unimp_jax.data.formats)
+  c.data.split = 'by_user'  # or 'leave_last_out'
+  c.data.batch_size = 8     # global batch, split over processes and over mesh.data x mesh.fsdp
   c.data.seq_len = 128
   c.data.num_images = 5     # image slots per example
+  c.data.history = 10       # most recent items in a prompt (fewer when seq_len or num_images run out)
+  c.data.workers = 0        # Grain worker processes (0: in the training process)
+  # Task mixture (relative proportions) and per-example loss weights (paper: recommendation 2.0).
+  c.data.tasks = ml_collections.ConfigDict(dict(
+      recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0))
+  c.data.task_weights = ml_collections.ConfigDict(dict(
+      recommendation=2.0, search=1.0, preference=1.0, selection=1.0, generation=1.0))
   return c
 
 
@@ -106,6 +116,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
            'lower mesh.tensor or change the head count')
   _check(cfg.data.batch_size % (data * fsdp) == 0, 'data.batch_size',
          f'{cfg.data.batch_size} is not divisible by mesh.data*mesh.fsdp={data * fsdp}')
+  _check(cfg.data.split in pipeline.SPLITS, 'data.split', f'{cfg.data.split!r} is not one of {pipeline.SPLITS}')
+  for key in ('tasks', 'task_weights'):
+    _check(set(cfg.data[key]) == set(tasks.TASKS), f'data.{key}', f'needs exactly the tasks {tasks.TASKS}')
+  _check(sum(cfg.data.tasks.values()) > 0 and min(cfg.data.tasks.values()) >= 0, 'data.tasks',
+         'proportions must be >= 0 and not all 0')
   rule_names = {name for name, _ in cfg.mesh.rules}
   for name, target in cfg.mesh.rules:
     targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)

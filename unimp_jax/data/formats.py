@@ -224,6 +224,9 @@ class UnifiedDataset:
     self._images = None
     self._users = None
 
+  def __getstate__(self):  # open file handles stay behind; a worker process reopens them
+    return {**self.__dict__, '_images': None, '_users': None}
+
   def verify(self) -> None:
     """Recomputes every checksum; raises naming the first file that differs or is missing/extra."""
     actual = _checksums(self.path)

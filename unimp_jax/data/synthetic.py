@@ -26,7 +26,7 @@ import struct
 import numpy as np
 from PIL import Image
 
-from unimp_jax.data import formats
+from unimp_jax.data import formats, tasks
 from unimp_jax.data import tokenizer as tokenizer_lib
 
 ASSETS = os.path.join(os.path.dirname(__file__), 'assets', 'fashion_mnist')
@@ -186,9 +186,8 @@ def build(out: str, *, num_items: int = 1000, num_users: int = 2000, seed: int =
     oracle.append(o)
     blind.append(b)
 
-  texts = [f'{it.title} {it.description} {" ".join(it.keywords)}' for it in items]
-  texts += [f'{i.review} {i.query}' for u in users for i in u.interactions]
-  tokenizer = tokenizer_lib.with_unimp_tokens(tokenizer_lib.train_bpe(texts, bpe_vocab), num_items=num_items,
+  base = tokenizer_lib.train_bpe(tasks.tokenizer_corpus(items, users), bpe_vocab)
+  tokenizer = tokenizer_lib.with_unimp_tokens(base, num_items=num_items,
                                               num_slots=NUM_SLOTS, num_image_codes=0)
   extra = {'generator': 'unimp_jax.data.synthetic', 'seed': seed,
            'oracle_hr@10': round(float(np.mean(oracle)), 4),

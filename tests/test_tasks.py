@@ -1,0 +1,157 @@
+"""Task prompts, loss masks, and the Grain pipeline's determinism, resume and process sharding."""
+
+import numpy as np
+import pytest
+
+from unimp_jax import config as config_lib
+from unimp_jax.data import formats, pipeline, synthetic, tasks
+from unimp_jax.data.tokenizer import TokenIds
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('data') / 'fashion')
+  synthetic.build(path, num_items=150, num_users=60, seed=1, image_size=16, bpe_vocab=500)
+  return formats.UnifiedDataset(path)
+
+
+@pytest.fixture(scope='module')
+def builder(dataset):
+  return tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=160, num_images=6, history=4)
+
+
+def _reference_mask(tokens, ids, pad):
+  """The loss-mask rule written as the obvious per-token loop, to check the array version against."""
+  mask, inside = [], False
+  for tok in tokens:
+    mask.append(inside and tok != pad)
+    if tok == ids.answer:
+      inside = True
+    elif tok == ids.end_of_chunk:
+      inside = False
+  return np.asarray(mask)
+
+
+@pytest.mark.parametrize('task', ['recommendation', 'search', 'preference', 'selection'])
+def test_prompts_and_loss_masks(builder, dataset, task):
+  tok, ids = builder.tokenizer, builder.ids
+  user = next(u for u in map(dataset.user, range(dataset.num_users)) if u.selections)
+  target = len(user.interactions) - 1
+  train = builder.build(task, user, target, with_answer=True, rng=np.random.default_rng(0))
+  evaluation = builder.build(task, user, target, with_answer=False, rng=np.random.default_rng(0))
+  # Same prompt in training and evaluation; training only appends the answer.
+  np.testing.assert_array_equal(train.tokens[:train.prompt_length], evaluation.tokens[:evaluation.prompt_length])
+  assert evaluation.tokens[evaluation.prompt_length] == tok.pad_token_id
+  np.testing.assert_array_equal(train.answer_mask, _reference_mask(train.tokens, ids, tok.pad_token_id))
+  supervised = train.tokens[train.answer_mask]
+  assert ids.answer not in supervised and ids.image not in supervised and tok.pad_token_id not in supervised
+  final = train.tokens[train.prompt_length:train.answer_mask.nonzero()[0].max() + 1]
+  assert train.answer_mask[train.prompt_length:train.prompt_length + len(final)].all()
+  assert final[-1] == tok.eos_token_id
+  # One image slot per `<image>`, in order; the rest empty.
+  shown = train.image_items[train.image_items >= 0]
+  assert (train.tokens == ids.image).sum() == len(shown)
+  target_item = user.interactions[target].item
+  if task in ('recommendation', 'search'):
+    assert list(final[:-1]) == [ids.item(target_item)] and train.target[0] == target_item
+    history = [i.item for i in user.interactions[:target]][-len(shown):]
+    assert list(shown) == history
+  if task == 'search':
+    assert user.interactions[target].query in tok.decode(train.tokens[:train.prompt_length])
+  if task == 'preference':
+    assert final[0] == ids.rating(user.interactions[target].rating) and shown[-1] == target_item
+  if task == 'selection':
+    sel = user.selections[target % len(user.selections)]
+    assert list(shown[-3:]) == list(sel.candidates)
+    assert list(final[:-1]) == sorted(ids.slot(sel.candidates.index(p)) for p in sel.positives)
+
+
+def test_selection_without_stored_questions_asks_for_the_true_next_item(builder, dataset):
+  user = formats.User('u', dataset.user(0).interactions)  # no selection questions
+  ex = builder.build('selection', user, 3, with_answer=True, rng=np.random.default_rng(0))
+  candidates = list(ex.image_items[ex.image_items >= 0][-3:])
+  assert user.interactions[3].item in candidates
+  assert ex.target[2] == 1 << candidates.index(user.interactions[3].item)
+
+
+def test_history_is_cut_to_fit_and_impossible_prompts_name_the_key(dataset):
+  tok = dataset.tokenizer()
+  small = tasks.TaskBuilder(dataset, tok, seq_len=64, num_images=2, history=10)
+  user = dataset.user(1)
+  ex = small.build('recommendation', user, len(user.interactions) - 1, with_answer=True)
+  assert (ex.image_items >= 0).sum() <= 2 and (ex.tokens != tok.pad_token_id).sum() <= 64
+  with pytest.raises(tasks.PromptTooLong, match='config.data.seq_len'):
+    tasks.TaskBuilder(dataset, tok, seq_len=30, num_images=6, history=3).build(
+        'selection', user, 2, with_answer=True, rng=np.random.default_rng(0))
+
+
+def _data_cfg(**overrides):
+  cfg = config_lib.base_config().data
+  cfg.update(dict(batch_size=4, seq_len=160, num_images=6, history=4), **overrides)
+  return cfg
+
+
+def _batches(builder, cfg, count, **kw):
+  it = iter(pipeline.make_dataset(builder, cfg, seed=7, **kw))
+  return [next(it) for _ in range(count)]
+
+
+def test_batches_are_a_function_of_the_seed_and_resume_exactly(builder):
+  cfg = _data_cfg()
+  first = _batches(builder, cfg, 5)
+  again = _batches(builder, cfg, 5)
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert first[0]['images'].shape == (4, 6, 16, 16, 3) and first[0]['images'].dtype == np.uint8
+
+  it = iter(pipeline.make_dataset(builder, cfg, seed=7))
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  resumed = iter(pipeline.make_dataset(builder, cfg, seed=7))
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)['tokens'], first[3]['tokens'])
+  np.testing.assert_array_equal(next(resumed)['images'], first[4]['images'])
+
+
+def test_two_processes_split_the_examples_without_duplicates(builder, dataset):
+  cfg = _data_cfg()
+  users = pipeline.split_users(dataset, 'by_user', 'train')
+  steps = len(users) // cfg.batch_size  # one epoch
+  single = _batches(builder, cfg, steps)
+  halves = [_batches(builder, cfg, steps, process_index=p, process_count=2) for p in range(2)]
+  key = lambda b: {(int(u), bytes(t)) for u, t in zip(b['user'], b['tokens'])}
+  single_set = set().union(*map(key, single))
+  union = [x for h in halves for b in h for x in key(b)]
+  assert len(union) == len(set(union)) == len(single_set)
+  assert set(union) == single_set
+  epoch_users = [u for u, _ in single_set]  # one epoch: every example a different user of the split
+  assert len(set(epoch_users)) == len(epoch_users) == steps * cfg.batch_size and set(epoch_users) <= set(users)
+
+
+def test_task_mixture_and_weights(builder):
+  cfg = _data_cfg(tasks=dict(recommendation=3.0, search=1.0, preference=0.0, selection=0.0, generation=0.0))
+  batches = _batches(builder, cfg, 12)
+  task = np.concatenate([b['task'] for b in batches])
+  weight = np.concatenate([b['weight'] for b in batches])
+  assert set(task) <= {tasks.TASKS.index('recommendation'), tasks.TASKS.index('search')}
+  assert 0.5 < np.mean(task == tasks.TASKS.index('recommendation')) < 0.95
+  np.testing.assert_array_equal(weight, np.where(task == 0, 2.0, 1.0))
+
+
+def test_worker_processes_give_the_same_batches(builder):
+  cfg = _data_cfg()
+  in_process = _batches(builder, cfg, 3)
+  with_workers = _batches(builder, _data_cfg(workers=2), 3)
+  for a, b in zip(in_process, with_workers):
+    np.testing.assert_array_equal(a['tokens'], b['tokens'])
+    np.testing.assert_array_equal(a['images'], b['images'])
+
+
+def test_token_ids_match_the_tokenizer(dataset):
+  tok = dataset.tokenizer()
+  ids = TokenIds(tok.unimp_layout)
+  for name, i in [('<|endofchunk|>', ids.end_of_chunk), ('<answer>', ids.answer), ('rate_3', ids.rating(3)),
+                  ('s_2', ids.slot(2)), ('item_0', ids.item(0))]:
+    assert tok.convert_tokens_to_ids(name) == i

@@ -1,0 +1,95 @@
+"""The Grain pipeline: unified dataset -> task examples -> fixed-shape batches -> global arrays.
+
+    users of the split -> seeded shuffle (a new order each epoch) -> this process's share
+      -> example(seed, epoch, user): target position, task and selection drawn from a generator seeded
+         by exactly those three numbers -> batch -> (worker processes) -> iterator with checkpointable state
+
+Because every example is a pure function of (seed, epoch, user), a restored iterator state reproduces
+the same batches, and the union of all processes' examples is the single-process set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import jax
+import numpy as np
+
+from unimp_jax.data import formats, tasks
+from unimp_jax.sharding import mesh as mesh_lib
+
+SPLITS = ('by_user', 'leave_last_out')
+STAGES = ('train', 'valid', 'test')
+
+
+def split_users(dataset: formats.UnifiedDataset, split: str, stage: str) -> np.ndarray:
+  """Indices of the users an epoch runs over (users too short to have a target are left out)."""
+  if split not in SPLITS or stage not in STAGES:
+    raise ValueError(f'config.data.split={split!r} / stage={stage!r}: choose from {SPLITS} x {STAGES}')
+  users = dataset.splits[stage] if split == 'by_user' else range(dataset.num_users)
+  min_len = 4 if split == 'leave_last_out' else 2  # leave-last-out keeps 2 targets back + 1 history + 1 train
+  return np.asarray([u for u in users if len(dataset.user(u).interactions) >= min_len], np.int64)
+
+
+def target_position(num: int, split: str, stage: str, rng: np.random.Generator) -> int:
+  """Which interaction is the answer. Training draws a fresh one per epoch; evaluation is fixed."""
+  if stage == 'train':
+    return int(rng.integers(1, num - 2 if split == 'leave_last_out' else num))
+  return num - 2 if (split == 'leave_last_out' and stage == 'valid') else num - 1
+
+
+@dataclasses.dataclass
+class MakeExample:
+  """(epoch, user) -> feature dict. Picklable, so Grain worker processes can run it."""
+  builder: tasks.TaskBuilder
+  seed: int
+  split: str
+  stage: str
+  proportions: dict[str, float]
+  weights: dict[str, float]
+
+  def __call__(self, epoch_user: tuple[int, int]) -> dict[str, np.ndarray]:
+    epoch, user_index = epoch_user
+    rng = np.random.default_rng([self.seed, epoch, user_index])
+    user = self.builder.dataset.user(user_index)
+    target = target_position(len(user.interactions), self.split, self.stage, rng)
+    names = [t for t, p in self.proportions.items() if p > 0 and self.builder.available(t, user)]
+    p = np.asarray([self.proportions[t] for t in names], np.float64)
+    task = names[int(rng.choice(len(names), p=p / p.sum()))]
+    ex = self.builder.build(task, user, target, with_answer=self.stage == 'train', rng=rng)
+    size = self.builder.dataset.image_size
+    images = np.zeros((len(ex.image_items), size, size, 3), np.uint8)
+    shown = ex.image_items >= 0
+    if shown.any():
+      images[shown] = self.builder.dataset.images(ex.image_items[shown])
+    return dict(tokens=ex.tokens, answer_mask=ex.answer_mask, images=images, image_items=ex.image_items,
+                task=np.int32(ex.task), weight=np.float32(self.weights[task]),
+                prompt_length=np.int32(ex.prompt_length), target=ex.target, user=np.int32(user_index))
+
+
+def make_dataset(builder: tasks.TaskBuilder, data_cfg, *, seed: int, stage: str = 'train',
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """This process's batches (of `batch_size / process_count` examples) as a Grain IterDataset."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if data_cfg.batch_size % process_count:
+    raise ValueError(f'config.data.batch_size={data_cfg.batch_size} is not divisible by {process_count} processes')
+  users = split_users(builder.dataset, data_cfg.split, stage)
+  n = len(users)
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.map_with_index(lambda g, i: (g // n, int(users[i])))  # global index -> (epoch, user)
+  ds = ds[process_index::process_count]
+  ds = ds.map(MakeExample(builder, seed, data_cfg.split, stage, dict(data_cfg.tasks), dict(data_cfg.task_weights)))
+  ds = ds.batch(data_cfg.batch_size // process_count, drop_remainder=True)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if data_cfg.workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+  return ds
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+  """Assembles each process's rows into arrays sharded over the mesh's batch axes."""
+  return {k: jax.make_array_from_process_local_data(mesh_lib.data_sharding(mesh, rules, v.ndim), v)
+          for k, v in local.items()}
