@@ -18,7 +18,7 @@ def decode(data: bytes, size: int, name: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
       rgb = image.convert('RGB')
-  except (UnidentifiedImageError, OSError, ValueError) as e:
+  except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
     raise BadImage(f'{name}: cannot decode image ({e})') from None
   w, h = rgb.size
   side = min(w, h)
