@@ -2,10 +2,11 @@
 
   python -m unimp_jax.main --config configs/tiny.py --workdir workdir/tiny [--config.KEY=VALUE ...]
 
-Until the training loop lands this job proves the model end to end on the configured mesh: it
-validates the config, builds the mesh, initialises the model directly sharded, and runs the compiled
-forward pass on a batch shaped like a UniMP prompt (history chunks `<image> text ... <|endofchunk|>`
-over `data.num_images` image slots), then writes `forward.json` into the workdir.
+Until the training loop lands this job proves data and model end to end on the configured mesh: it
+builds the embedded default dataset at `data.path` if it is missing, sizes the vocabulary from the
+dataset's tokenizer, validates the config, builds the mesh, initialises the model directly sharded,
+draws one multi-task batch from the Grain pipeline and runs the compiled forward pass on it, then
+writes `forward.json` into the workdir.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import os
 import time
 
 import jax
+import jax.experimental.multihost_utils
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from unimp_jax import config as config_lib
-from unimp_jax.model import unimp
+from unimp_jax.data import formats, pipeline, synthetic, tasks
+from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
@@ -30,16 +32,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where outputs go.', required=Tr
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (SLURM, TPU pods).')
 
 
-def prompt_like_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """This process's rows of a global batch: one `<image>` per history chunk, rest random text."""
-  d, m = cfg.data, cfg.model
-  rows = d.batch_size // jax.process_count()
-  tokens = rng.integers(0, m.lm.vocab_size, (rows, d.seq_len))
-  chunk = d.seq_len // (d.num_images + 1)
-  tokens[:, np.arange(d.num_images) * chunk] = m.image_token_id
-  images = rng.normal(size=(rows, d.num_images, m.vision.image_size, m.vision.image_size, m.vision.channels))
-  return dict(tokens=tokens.astype(np.int32), images=images.astype(np.float32),
-              mask=np.ones((rows, d.seq_len), bool))
+def open_dataset(cfg) -> formats.UnifiedDataset:
+  """The dataset at `data.path`; the embedded default is built there first if nothing is there yet."""
+  if not os.path.exists(os.path.join(cfg.data.path, 'manifest.json')):
+    logging.info('building the embedded default dataset at %s', cfg.data.path)
+    if jax.process_index() == 0:
+      synthetic.build(cfg.data.path, seed=cfg.seed, image_size=cfg.model.vision.image_size)
+    jax.experimental.multihost_utils.sync_global_devices('dataset built')
+  return formats.UnifiedDataset(cfg.data.path)
 
 
 def main(argv):
@@ -48,6 +48,13 @@ def main(argv):
     jax.distributed.initialize()
   cfg = _CONFIG.value
   os.makedirs(_WORKDIR.value, exist_ok=True)
+
+  # ---- data -----------------------------------------------------------------------------------------
+  dataset = open_dataset(cfg)
+  pipeline.fit_model_to_dataset(cfg, dataset)
+  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=cfg.data.seq_len,
+                              num_images=cfg.data.num_images, history=cfg.data.history)
+  batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
 
   # ---- set up the mesh ------------------------------------------------------------------------------
   mesh_shape = config_lib.validate(cfg, jax.device_count())
@@ -62,22 +69,28 @@ def main(argv):
   init_s = time.perf_counter() - start
 
   # ---- shard and transfer a batch -------------------------------------------------------------------
-  local = prompt_like_batch(cfg, np.random.default_rng(cfg.seed + jax.process_index()))
+  local = next(batches)
+  pad = dataset.tokenizer().pad_token_id
   with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
-    batch = {k: jax.make_array_from_process_local_data(mesh_lib.data_sharding(mesh, cfg.mesh.rules, v.ndim), v)
-             for k, v in local.items()}
+    batch = pipeline.global_batch(
+        dict(tokens=local['tokens'], images=local['images'], mask=local['tokens'] != pad), mesh, cfg.mesh.rules)
+    model_inputs = (batch['tokens'], jax.jit(vision.normalize)(batch['images']), batch['mask'])
 
     # ---- forward pass -------------------------------------------------------------------------------
     forward = unimp.jit_forward(graphdef)
     start = time.perf_counter()
-    logits = forward(state, batch['tokens'], batch['images'], batch['mask']).block_until_ready()
+    logits = forward(state, *model_inputs).block_until_ready()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    logits = forward(state, batch['tokens'], batch['images'], batch['mask']).block_until_ready()
+    logits = forward(state, *model_inputs).block_until_ready()
     step_s = time.perf_counter() - start
 
   finite = bool(jax.device_get(jnp.isfinite(logits).all()))
-  report = dict(mesh=dict(zip(mesh_lib.MESH_AXES, mesh_shape)), parameters=int(num_params),
+  report = dict(dataset=dict(path=dataset.path, **dataset.manifest['counts'],
+                             oracle_hr_at_10=dataset.manifest['extra'].get('oracle_hr@10'),
+                             colour_blind_hr_at_10=dataset.manifest['extra'].get('colour_blind_hr@10')),
+                batch_tasks=[tasks.TASKS[t] for t in local['task']],
+                mesh=dict(zip(mesh_lib.MESH_AXES, mesh_shape)), parameters=int(num_params),
                 logits_shape=list(logits.shape), logits_finite=finite, init_seconds=round(init_s, 3),
                 first_call_seconds=round(compile_s, 3), forward_seconds=round(step_s, 4),
                 tokens_per_second=round(logits.shape[0] * logits.shape[1] / step_s, 1))

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from unimp_jax.data import formats, tasks
+from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.sharding import mesh as mesh_lib
 
 SPLITS = ('by_user', 'leave_last_out')
@@ -87,6 +88,20 @@ def make_dataset(builder: tasks.TaskBuilder, data_cfg, *, seed: int, stage: str 
   if data_cfg.workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
   return ds
+
+
+def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
+  """Sets the vocabulary sizes from the dataset's tokenizer (item counts come from the data, never from
+  a preset) and checks that the stored pictures have the vision tower's size."""
+  ids = TokenIds(dataset.tokenizer().unimp_layout)
+  cfg.model.lm.vocab_size = ids.base_vocab_size  # `<image>` is the first added token: image_token_id follows
+  cfg.model.lm.added_vocab_size = ids.added_vocab_size
+  if cfg.model.image_token_id != ids.image:
+    raise ValueError(f'config.model.image_token_id={cfg.model.image_token_id}, but the dataset tokenizer puts '
+                     f'<image> at {ids.image}')
+  if dataset.image_size != cfg.model.vision.image_size:
+    raise ValueError(f'{dataset.path} stores {dataset.image_size} px pictures but config.model.vision.image_size '
+                     f'is {cfg.model.vision.image_size}; rebuild the dataset or change the config')
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:

@@ -9,6 +9,16 @@ from flax import nnx
 from unimp_jax.model import layers
 from unimp_jax.sharding.mesh import constrain
 
+# CLIP's pixel statistics (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD), used by CLIP and IDEFICS.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(images_uint8: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """uint8 pixels (as stored in the dataset) -> the normalised floats the tower expects; runs on device."""
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return ((x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)).astype(dtype)
+
 
 class VisionLayer(nnx.Module):
   """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
