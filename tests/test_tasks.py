@@ -1,5 +1,7 @@
 """Task prompts, loss masks, and the Grain pipeline's determinism, resume and process sharding."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,19 @@ def test_token_ids_match_the_tokenizer(dataset):
   for name, i in [('<|endofchunk|>', ids.end_of_chunk), ('<answer>', ids.answer), ('rate_3', ids.rating(3)),
                   ('s_2', ids.slot(2)), ('item_0', ids.item(0))]:
     assert tok.convert_tokens_to_ids(name) == i
+
+
+def test_items_without_pictures_work_end_to_end(tmp_path):
+  """MovieLens has no pictures: chunks carry no `<image>`, slots stay empty, batches still flow."""
+  from unimp_jax.data import convert
+  root = os.path.join(os.path.dirname(__file__), 'fixtures', 'raw', 'movielens', 'ml-100k')
+  convert.main(['movielens', '--root', root, '--out', str(tmp_path / 'ml'), '--min_user_interactions', '3',
+                '--min_item_interactions', '2', '--image_size', '16', '--bpe_vocab', '300'])
+  dataset = formats.UnifiedDataset(str(tmp_path / 'ml'))
+  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=96, num_images=4, history=4)
+  cfg = _data_cfg(batch_size=2, seq_len=96, num_images=4, split='by_user',
+                  tasks=dict(recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0))
+  batch = _batches(builder, cfg, 1)[0]
+  assert (batch['image_items'] == -1).all() and not batch['images'].any()
+  assert not (batch['tokens'] == builder.ids.image).any()
+  assert batch['answer_mask'].any(axis=1).all()

@@ -64,8 +64,9 @@ def answer_mask(tokens: np.ndarray, ids: TokenIds, pad_id: int) -> np.ndarray:
 
 def tokenizer_corpus(items: Sequence[formats.Item], users: Sequence[formats.User]):
   """The text a prompt is made of, for training a dataset's own BPE: item lines exactly as chunks
-  render them, every instruction, and the users' explanations and queries."""
-  yield from (TaskBuilder.item_line(item) for item in items)
+  render them (and the keywords search queries default to), every instruction, and the users'
+  explanations and queries."""
+  yield from (f'{TaskBuilder.item_line(item)} {" ".join(item.keywords)}' for item in items)
   yield from (INSTRUCTIONS[t].format(query='') + ' Select from: Selection' for t in TASKS)
   for user in users:
     for inter in user.interactions:
