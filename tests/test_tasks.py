@@ -166,8 +166,8 @@ def test_items_without_pictures_work_end_to_end(tmp_path):
   convert.main(['movielens', '--root', root, '--out', str(tmp_path / 'ml'), '--min_user_interactions', '3',
                 '--min_item_interactions', '2', '--image_size', '16', '--bpe_vocab', '300'])
   dataset = formats.UnifiedDataset(str(tmp_path / 'ml'))
-  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=160, num_images=4, history=4)
-  cfg = _data_cfg(batch_size=2, seq_len=160, num_images=4, split='by_user',
+  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=320, num_images=4, history=4)
+  cfg = _data_cfg(batch_size=2, seq_len=320, num_images=4, split='by_user',
                   tasks=dict(recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0))
   batch = _batches(builder, cfg, 1)[0]
   assert (batch['image_items'] == -1).all() and not batch['images'].any()
