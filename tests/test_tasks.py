@@ -173,3 +173,38 @@ def test_items_without_pictures_work_end_to_end(tmp_path):
   assert (batch['image_items'] == -1).all() and not batch['images'].any()
   assert not (batch['tokens'] == builder.ids.image).any()
   assert batch['answer_mask'].any(axis=1).all()
+
+
+def test_orbax_checkpoints_the_iterator_state(builder, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+  cfg = _data_cfg()
+  expected = _batches(builder, cfg, 4)
+  it = iter(pipeline.make_dataset(builder, cfg, seed=7))
+  next(it), next(it)
+  with ocp.CheckpointManager(str(tmp_path / 'ckpt')) as manager:
+    manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  restored = iter(pipeline.make_dataset(builder, cfg, seed=7))
+  with ocp.CheckpointManager(str(tmp_path / 'ckpt')) as manager:
+    manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  np.testing.assert_array_equal(next(restored)['tokens'], expected[2]['tokens'])
+  np.testing.assert_array_equal(next(restored)['images'], expected[3]['images'])
+
+
+def test_generation_prompts_carry_image_codes(dataset):
+  from unimp_jax.data import tokenizer as tokenizer_lib
+  codes = np.random.default_rng(0).integers(0, 16, (len(dataset.items), 4))
+  tok = tokenizer_lib.with_unimp_tokens(tokenizer_lib.train_bpe(tasks.tokenizer_corpus(dataset.items, []), 500),
+                                        num_items=len(dataset.items), num_slots=3, num_image_codes=16)
+  builder = tasks.TaskBuilder(dataset, tok, seq_len=200, num_images=6, history=3, image_codes=codes)
+  user = dataset.user(0)
+  target = len(user.interactions) - 1
+  ex = builder.build('generation', user, target, with_answer=True)
+  final = ex.tokens[ex.prompt_length:ex.answer_mask.nonzero()[0].max()]
+  assert list(final) == [builder.ids.image_code(c) for c in codes[user.interactions[target].item]]
+  # The history items' text carries their own codes as answer spans.
+  history_item = user.interactions[target - 1].item
+  span = [builder.ids.answer, *(builder.ids.image_code(c) for c in codes[history_item]), builder.ids.end_of_chunk]
+  prompt = list(ex.tokens[:ex.prompt_length])
+  assert any(prompt[i:i + len(span)] == span for i in range(len(prompt)))
