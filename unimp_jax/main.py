@@ -16,30 +16,19 @@ import os
 import time
 
 import jax
-import jax.experimental.multihost_utils
 import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic, tasks
+from unimp_jax.data import pipeline, tasks
 from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where outputs go.', required=True)
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (SLURM, TPU pods).')
-
-
-def open_dataset(cfg) -> formats.UnifiedDataset:
-  """The dataset at `data.path`; the embedded default is built there first if nothing is there yet."""
-  if not os.path.exists(os.path.join(cfg.data.path, 'manifest.json')):
-    logging.info('building the embedded default dataset at %s', cfg.data.path)
-    if jax.process_index() == 0:
-      synthetic.build(cfg.data.path, seed=cfg.seed, image_size=cfg.model.vision.image_size)
-    jax.experimental.multihost_utils.sync_global_devices('dataset built')
-  return formats.UnifiedDataset(cfg.data.path)
 
 
 def main(argv):
@@ -50,7 +39,7 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
 
   # ---- data -----------------------------------------------------------------------------------------
-  dataset = open_dataset(cfg)
+  dataset = pipeline.open_dataset(cfg)
   pipeline.fit_model_to_dataset(cfg, dataset)
   builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=cfg.data.seq_len,
                               num_images=cfg.data.num_images, history=cfg.data.history)

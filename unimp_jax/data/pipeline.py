@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import os
+
 import grain
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
+from absl import logging
 
-from unimp_jax.data import formats, tasks
+from unimp_jax.data import formats, synthetic, tasks
 from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.sharding import mesh as mesh_lib
 
@@ -88,6 +92,16 @@ def make_dataset(builder: tasks.TaskBuilder, data_cfg, *, seed: int, stage: str 
   if data_cfg.workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
   return ds
+
+
+def open_dataset(cfg) -> formats.UnifiedDataset:
+  """The dataset at `data.path`; the embedded default is built there first if nothing is there yet."""
+  if not os.path.exists(os.path.join(cfg.data.path, 'manifest.json')):
+    logging.info('building the embedded default dataset at %s', cfg.data.path)
+    if jax.process_index() == 0:
+      synthetic.build(cfg.data.path, seed=cfg.seed, image_size=cfg.model.vision.image_size)
+    jax.experimental.multihost_utils.sync_global_devices('dataset built')
+  return formats.UnifiedDataset(cfg.data.path)
 
 
 def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
