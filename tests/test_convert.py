@@ -328,3 +328,19 @@ def test_helpers():
   chosen = {convert.explanation(review, seed, 'u', 'i') for seed in range(20)}
   assert chosen == {'It fits my feet well.', 'The laces broke within a week.'}
   assert convert.explanation(review, 7, 'u', 'i') == convert.explanation(review, 7, 'u', 'i')
+
+
+@pytest.mark.parametrize('source_format,meta,expected', [
+    ('amazon2014', 'meta_Beauty.json', ('B00BEAUTY1', 'http://ecx.images-amazon.com/images/I/41beauty1.jpg')),
+    ('amazon2018', 'meta_All_Beauty.json',  # the high-resolution URL, not the 40 px thumbnail
+     ('B018BEAU01', 'https://images-na.ssl-images-amazon.com/images/I/41serum.jpg')),
+])
+def test_picture_url_list_feeds_the_fetcher(tmp_path, source_format, meta, expected):
+  from unimp_jax.data import fetch
+  meta_path = os.path.join(RAW, source_format, meta)
+  out = tmp_path / 'urls.tsv'
+  count = convert.main([source_format, '--meta', meta_path, '--reviews', meta_path, '--write_urls', str(out)])
+  rows = fetch.read_urls(str(out))  # the fetcher's own reader accepts the file
+  assert count['image_urls'] == len(rows) > 0
+  assert all(url.startswith('http') for _, url in rows) and len({a for a, _ in rows}) == len(rows)
+  assert rows[0] == expected

@@ -262,6 +262,32 @@ def _read_amazon(meta_paths: list[str], review_paths: list[str], images_dir: str
              notes={'duplicate_meta_lines': duplicates})
 
 
+def _first_url(value: Any) -> str:
+  urls = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+  return next((u.strip() for u in urls if isinstance(u, str) and u.strip()), '')
+
+
+IMAGE_URL = {  # the best picture URL of a metadata record, per format
+    'amazon2014': lambda m: _first_url(m.get('imUrl')),
+    'amazon2018': lambda m: _first_url(m.get('imageURLHighRes')) or _first_url(m.get('imageURL')),
+}
+
+
+def write_image_urls(source_format: str, meta: list[str], out: str) -> int:
+  """`asin<TAB>url` for every product with a picture URL: the input of `python -m unimp_jax.data.fetch`,
+  whose output directory is then this converter's `--images`. Returns the number of lines."""
+  parse = ast.literal_eval if source_format == 'amazon2014' else json.loads
+  urls = {}
+  for path in meta:
+    for where, m in _dict_lines(path, parse):
+      asin, url = _required(m, 'asin', (str,), where), IMAGE_URL[source_format](m)
+      if url and asin not in urls:
+        urls[asin] = url
+  with open(out, 'w') as f:
+    f.writelines(f'{asin}\t{url}\n' for asin, url in urls.items())
+  return len(urls)
+
+
 def read_amazon2014(meta: list[str], reviews: list[str], images_dir: str | None = None) -> Raw:
   def first_path(m):   # "categories": a list of category paths
     paths = m.get('categories')
@@ -464,7 +490,7 @@ def build(raw: Raw, opts: Options, source_format: str) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument('--out', required=True, help='Directory the unified dataset is written to.')
+  common.add_argument('--out', help='Directory the unified dataset is written to (required unless --write_urls).')
   common.add_argument('--name', help='Dataset name in the manifest (default: the format).')
   common.add_argument('--seed', type=int, default=0, help='Item-id permutation, explanation choice, user split.')
   common.add_argument('--image_size', type=int, default=224, help='Images are centre-cropped and resized to this.')
@@ -483,6 +509,8 @@ def _parser() -> argparse.ArgumentParser:
     amazon.add_argument('--meta', nargs='+', required=True, help='Metadata files (.gz or plain), any domains.')
     amazon.add_argument('--reviews', nargs='+', required=True, help='Review JSON-lines files (.gz or plain).')
     amazon.add_argument('--images', help='Directory of <asin>.jpg (default: items have no picture).')
+    amazon.add_argument('--write_urls', metavar='FILE', help='Only write the asin<TAB>url list of the '
+                        'pictures to FILE (for unimp_jax.data.fetch, whose output is --images) and stop.')
   formats.add_parser('hm', parents=[common], help='H&M Kaggle: articles/customers/transactions_train.csv, '
                      'images/0XX/0XXXXXXXXX.jpg.').add_argument('--root', required=True)
   formats.add_parser('movielens', parents=[common], help='MovieLens-100K: u.data + u.item, or RecBole '
@@ -492,6 +520,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = _parser().parse_args(argv)
+  if getattr(args, 'write_urls', None):
+    count = write_image_urls(args.format, args.meta, args.write_urls)
+    print(f'wrote {count} picture URLs to {args.write_urls}')
+    return {'image_urls': count}
+  if not args.out:
+    raise DatasetError('--out is required: the directory the unified dataset is written to')
   if os.path.exists(args.out) and not args.overwrite:   # before reading anything
     raise DatasetError(f'{args.out} already exists; pass --overwrite to replace it')
   if args.format == 'amazon2014':
