@@ -339,7 +339,7 @@ def test_picture_url_list_feeds_the_fetcher(tmp_path, source_format, meta, expec
   from unimp_jax.data import fetch
   meta_path = os.path.join(RAW, source_format, meta)
   out = tmp_path / 'urls.tsv'
-  count = convert.main([source_format, '--meta', meta_path, '--reviews', meta_path, '--write_urls', str(out)])
+  count = convert.main([source_format, '--meta', meta_path, '--write_urls', str(out)])
   rows = fetch.read_urls(str(out))  # the fetcher's own reader accepts the file
   assert count['image_urls'] == len(rows) > 0
   assert all(url.startswith('http') for _, url in rows) and len({a for a, _ in rows}) == len(rows)

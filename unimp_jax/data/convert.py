@@ -507,7 +507,8 @@ def _parser() -> argparse.ArgumentParser:
   for name, year in (('amazon2014', 'Python-literal'), ('amazon2018', 'JSON')):
     amazon = formats.add_parser(name, parents=[common], help=f'Amazon Review Data ({year} metadata lines).')
     amazon.add_argument('--meta', nargs='+', required=True, help='Metadata files (.gz or plain), any domains.')
-    amazon.add_argument('--reviews', nargs='+', required=True, help='Review JSON-lines files (.gz or plain).')
+    amazon.add_argument('--reviews', nargs='+', help='Review JSON-lines files (.gz or plain); required unless '
+                        '--write_urls.')
     amazon.add_argument('--images', help='Directory of <asin>.jpg (default: items have no picture).')
     amazon.add_argument('--write_urls', metavar='FILE', help='Only write the asin<TAB>url list of the '
                         'pictures to FILE (for unimp_jax.data.fetch, whose output is --images) and stop.')
@@ -526,6 +527,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {'image_urls': count}
   if not args.out:
     raise DatasetError('--out is required: the directory the unified dataset is written to')
+  if args.format.startswith('amazon') and not args.reviews:
+    raise DatasetError('--reviews is required: the review JSON-lines files')
   if os.path.exists(args.out) and not args.overwrite:   # before reading anything
     raise DatasetError(f'{args.out} already exists; pass --overwrite to replace it')
   if args.format == 'amazon2014':
