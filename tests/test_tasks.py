@@ -208,3 +208,18 @@ def test_generation_prompts_carry_image_codes(dataset):
   span = [builder.ids.answer, *(builder.ids.image_code(c) for c in codes[history_item]), builder.ids.end_of_chunk]
   prompt = list(ex.tokens[:ex.prompt_length])
   assert any(prompt[i:i + len(span)] == span for i in range(len(prompt)))
+
+
+def test_global_batches_are_sharded_over_the_batch_axes(builder):
+  import jax
+  from unimp_jax.sharding import mesh as mesh_lib
+  cfg = config_lib.base_config()
+  cfg.mesh.update(data=2, fsdp=4)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  local = _batches(builder, _data_cfg(batch_size=8), 1)[0]
+  batch = pipeline.global_batch(local, mesh, cfg.mesh.rules)
+  assert jax.device_count() == 8
+  for key, value in batch.items():
+    assert value.shape == local[key].shape and value.sharding.spec[0] == ('data', 'fsdp')
+    assert value.addressable_shards[0].data.shape[0] == 1
+    np.testing.assert_array_equal(np.asarray(value), local[key])
