@@ -88,11 +88,12 @@ class TaskBuilder:
     self.seq_len, self.num_images, self.history = seq_len, num_images, history
     self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     self.image_codes = image_codes
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
-    self._item_text = [np.asarray(encode(self.item_line(it)), np.int32) for it in dataset.items]
+    self._item_text = [self._encode(self.item_line(it)) for it in dataset.items]
     self._has_image = np.asarray([it.has_image for it in dataset.items])
-    self._encode = encode
-    self._cache: dict[str, np.ndarray] = {}
+    self._cache: dict[str, np.ndarray] = {}  # fixed strings only: instructions and headers
+
+  def _encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
 
   @staticmethod
   def item_line(item: formats.Item) -> str:
@@ -102,7 +103,7 @@ class TaskBuilder:
 
   def _text(self, text: str) -> np.ndarray:
     if text not in self._cache:
-      self._cache[text] = np.asarray(self._encode(text), np.int32)
+      self._cache[text] = self._encode(text)
     return self._cache[text]
 
   def _chunk(self, item: int, answer: Sequence[int] = (), prefix: Sequence[int] = ()):
@@ -114,7 +115,7 @@ class TaskBuilder:
     return tokens, (item if self._has_image[item] else None)
 
   def _explanation(self, text: str) -> np.ndarray:
-    return self._text(' ' + (text or 'Unknown'))[:EXPLANATION_TOKENS]
+    return self._encode(' ' + (text or 'Unknown'))[:EXPLANATION_TOKENS]
 
   def answer_budget(self, task: str) -> int:
     """Tokens reserved for the final answer and end-of-sequence, whatever the actual answer, so that
@@ -155,7 +156,7 @@ class TaskBuilder:
     history = list(inters[max(0, target - self.history):target])
     tail, answer, goal = self._tail(task, user, target, target_inter, rng)
     chunks = self._history_chunks(history, task)
-    instruction = self._text(' ' + INSTRUCTIONS[task].format(query=self._query(target_inter)))
+    instruction = self._instruction(task, target_inter)
     while True:
       pieces = [c[0] for c in chunks] + [t[0] for t in tail] + [instruction, np.asarray([self.ids.answer], np.int32)]
       prompt = np.concatenate(pieces)
@@ -174,6 +175,13 @@ class TaskBuilder:
     image_items[:len(images)] = images
     return Example(tokens=tokens, answer_mask=answer_mask(tokens, self.ids, self.pad), image_items=image_items,
                    task=TASKS.index(task), prompt_length=len(prompt), target=goal)
+
+  def _instruction(self, task: str, inter: formats.Interaction) -> np.ndarray:
+    before, has_query, after = INSTRUCTIONS[task].partition('{query}')
+    if not has_query:
+      return self._text(' ' + before)
+    return np.concatenate([self._text(' ' + before.rstrip()), self._encode(' ' + self._query(inter)),
+                           self._text(after)])
 
   def _query(self, inter: formats.Interaction) -> str:
     return inter.query or ' '.join(self.dataset.items[inter.item].keywords) or 'Unknown'
