@@ -7,6 +7,8 @@ Sections: `model` (vision, connector, lm), `mesh` (axis sizes and the logical-ax
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
@@ -19,6 +21,7 @@ REMAT = ('none', 'full', 'dots', 'dots_no_batch')
 ACTIVATIONS = ('quick_gelu', 'gelu')
 MEDIA_MASKS = ('previous', 'all')
 ALPHA_TYPES = ('float', 'vector')
+SCHEDULES = ('cosine', 'linear', 'constant')
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,22 @@ def base_config() -> ml_collections.ConfigDict:
       recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0))
   c.data.task_weights = ml_collections.ConfigDict(dict(
       recommendation=2.0, search=1.0, preference=1.0, selection=1.0, generation=1.0))
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300
+  c.train.learning_rate = 1e-3
+  c.train.schedule = 'cosine'        # or 'linear', 'constant'; after a linear warm-up
+  c.train.warmup_fraction = 0.01
+  c.train.weight_decay = 0.1
+  c.train.clip_norm = 1.0
+  c.train.focal_gamma = 2.0          # (1 - p_t)^gamma re-weighting; 0 = plain cross-entropy
+  c.train.z_loss = 0.0               # coefficient of mean(logsumexp(logits)^2) on supervised tokens
+  c.train.microbatches = 1           # gradient accumulation: the batch is split into this many
+  # Regexes over parameter paths (`python -m unimp_jax.model.summary`). tiny trains from scratch, so
+  # nothing is frozen; configs/paper.py freezes the pretrained towers as the paper does.
+  c.train.freeze_patterns = ()
+  c.train.decay_patterns = (r'^lm/groups/cross/.*kernel$',)  # paper: decay on cross-attention weights only
+  c.train.log_every = 10
   return c
 
 
@@ -121,6 +140,18 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
     _check(set(cfg.data[key]) == set(tasks.TASKS), f'data.{key}', f'needs exactly the tasks {tasks.TASKS}')
   _check(sum(cfg.data.tasks.values()) > 0 and min(cfg.data.tasks.values()) >= 0, 'data.tasks',
          'proportions must be >= 0 and not all 0')
+  t = cfg.train
+  _check(t.schedule in SCHEDULES, 'train.schedule', f'{t.schedule!r} is not one of {SCHEDULES}')
+  per_process = cfg.data.batch_size // max(1, data * fsdp)
+  _check(cfg.data.batch_size % (t.microbatches * data * fsdp) == 0, 'train.microbatches',
+         f'data.batch_size={cfg.data.batch_size} does not split into {t.microbatches} micro-batches of a '
+         f'multiple of mesh.data*mesh.fsdp={data * fsdp} ({per_process} rows per batch shard)')
+  for key in ('freeze_patterns', 'decay_patterns'):
+    for pattern in t[key]:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f'config.train.{key}: {pattern!r} is not a regex ({e})') from None
   rule_names = {name for name, _ in cfg.mesh.rules}
   for name, target in cfg.mesh.rules:
     targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)

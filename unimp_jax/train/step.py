@@ -1,0 +1,112 @@
+"""The train step: a pure function of (state, batch), compiled once with shardings and donation.
+
+The state is a plain dict pytree, `{'step', 'params', 'opt_state'}`, whose `params` is the model's
+`nnx.Param` state as a nested dict (`nnx.to_pure_dict`), so Orbax, optax masks and shardings all see
+ordinary nested dicts. The batch's leading dimension is split into `train.microbatches` micro-batches
+run by `lax.scan`; loss sums and token counts are accumulated and divided once, so accumulation gives
+the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from unimp_jax.data import tasks
+from unimp_jax.model import vision
+from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.train import loss as loss_lib
+
+BATCH_KEYS = ('tokens', 'answer_mask', 'images', 'weight', 'task')
+
+
+def init_state(params, tx: optax.GradientTransformation) -> dict:
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+
+def state_shardings(abstract_params, tx, mesh, rules):
+  """(shardings, abstract state) of the whole train state; optimizer moments follow their parameters.
+
+  optax keeps moments in trees shaped like the parameters, nested inside its own state tuples; a moment
+  leaf is recognised by the parameter path its own path ends with.
+  """
+  pure_params = nnx.to_pure_dict(abstract_params)
+  param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh, rules))
+  by_path = dict(_flatten(param_shardings))
+  shapes = {path: leaf.shape for path, leaf in _flatten(pure_params)}
+  abstract_state = jax.eval_shape(lambda p: init_state(p, tx), pure_params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def follow_param(path, leaf):
+    names = tuple(_key_name(k) for k in path)
+    for start in range(len(names)):
+      if names[start:] in by_path and shapes[names[start:]] == leaf.shape:
+        return by_path[names[start:]]
+    return replicated
+
+  shardings = {'step': replicated, 'params': param_shardings,
+               'opt_state': jax.tree_util.tree_map_with_path(follow_param, abstract_state['opt_state'])}
+  return shardings, abstract_state
+
+
+def _key_name(key):
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
+
+
+def _flatten(tree):
+  return [(tuple(_key_name(k) for k in path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding):
+  """`step(state, batch) -> (state, metrics)`, jitted, donating the old state.
+
+  A non-finite loss or gradient leaves the state unchanged and reports `finite = False`; the trainer
+  stops and keeps the last good checkpoint.
+  """
+  num_tasks = len(tasks.TASKS)
+
+  def sums(params, micro):
+    tokens = micro['tokens']
+    logits = nnx.merge(graphdef, params)(tokens, vision.normalize(micro['images']), tokens != pad_id)
+    out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
+                                num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss)
+    return out['objective'], out
+
+  def step(state, batch):
+    params = state['params']
+    m = train_cfg.microbatches
+    micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), {k: batch[k] for k in BATCH_KEYS})
+
+    def accumulate(carry, mb):
+      (_, out), grads = jax.value_and_grad(sums, has_aux=True)(params, mb)
+      return jax.tree.map(jnp.add, carry, (grads, out)), None
+
+    zero_out = jax.eval_shape(lambda: sums(params, jax.tree.map(lambda x: x[0], micro))[1])
+    init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_out))
+    (grad_sum, out), _ = jax.lax.scan(accumulate, init, micro)
+    num_tokens = jnp.maximum(out['tokens'], 1.0)
+    grads = jax.tree.map(lambda g: g / num_tokens, grad_sum)
+    loss = out['objective'] / num_tokens
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates), 'opt_state': opt_state}
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': out['tokens'], 'finite': finite}
+    per_task = out['ce_sum'] / jnp.maximum(out['count'], 1.0)
+    for i, name in enumerate(tasks.TASKS):
+      metrics[f'loss/{name}'] = jnp.where(out['count'][i] > 0, per_task[i], jnp.nan)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+
+
+def batch_shardings(mesh, rules, batch_spec: dict) -> dict:
+  """Data-parallel sharding for every batch array (by its rank)."""
+  return {k: mesh_lib.data_sharding(mesh, rules, ndim) for k, ndim in batch_spec.items()}
