@@ -62,45 +62,55 @@ def _flatten(tree):
   return [(tuple(_key_name(k) for k in path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding):
-  """`step(state, batch) -> (state, metrics)`, jitted, donating the old state.
-
-  A non-finite loss or gradient leaves the state unchanged and reports `finite = False`; the trainer
-  stops and keeps the last good checkpoint.
-  """
+def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
+  """`(params, batch) -> (grads, sums)`: mean gradient over the batch's supervised tokens, accumulated
+  over `train.microbatches` micro-batches by `lax.scan` (sums first, one division at the end)."""
   num_tasks = len(tasks.TASKS)
 
-  def sums(params, micro):
+  def objective(params, micro):
     tokens = micro['tokens']
     logits = nnx.merge(graphdef, params)(tokens, vision.normalize(micro['images']), tokens != pad_id)
     out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
                                 num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss)
     return out['objective'], out
 
-  def step(state, batch):
-    params = state['params']
+  def gradients(params, batch):
     m = train_cfg.microbatches
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), {k: batch[k] for k in BATCH_KEYS})
 
     def accumulate(carry, mb):
-      (_, out), grads = jax.value_and_grad(sums, has_aux=True)(params, mb)
+      (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params, mb)
       return jax.tree.map(jnp.add, carry, (grads, out)), None
 
-    zero_out = jax.eval_shape(lambda: sums(params, jax.tree.map(lambda x: x[0], micro))[1])
-    init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_out))
-    (grad_sum, out), _ = jax.lax.scan(accumulate, init, micro)
-    num_tokens = jnp.maximum(out['tokens'], 1.0)
-    grads = jax.tree.map(lambda g: g / num_tokens, grad_sum)
-    loss = out['objective'] / num_tokens
+    sums_shape = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], micro))[1])
+    init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    (grad_sum, sums), _ = jax.lax.scan(accumulate, init, micro)
+    return jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grad_sum), sums
+
+  return gradients
+
+
+def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding):
+  """`step(state, batch) -> (state, metrics)`, jitted, donating the old state.
+
+  A non-finite loss or gradient leaves the state unchanged and reports `finite = False`; the trainer
+  stops and keeps the last good checkpoint.
+  """
+  gradients = accumulated_gradients(graphdef, train_cfg, pad_id=pad_id)
+
+  def step(state, batch):
+    params = state['params']
+    grads, sums = gradients(params, batch)
+    loss = sums['objective'] / jnp.maximum(sums['tokens'], 1.0)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates), 'opt_state': opt_state}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': out['tokens'], 'finite': finite}
-    per_task = out['ce_sum'] / jnp.maximum(out['count'], 1.0)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': sums['tokens'], 'finite': finite}
+    per_task = sums['ce_sum'] / jnp.maximum(sums['count'], 1.0)
     for i, name in enumerate(tasks.TASKS):
-      metrics[f'loss/{name}'] = jnp.where(out['count'][i] > 0, per_task[i], jnp.nan)
+      metrics[f'loss/{name}'] = jnp.where(sums['count'][i] > 0, per_task[i], jnp.nan)
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),

@@ -1,0 +1,128 @@
+"""The objective, gradient accumulation, freezing, overfitting and the NaN guard of the train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from unimp_jax import config as config_lib
+from unimp_jax.data import formats, pipeline, synthetic, tasks
+from unimp_jax.model import unimp
+from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.train import loss as loss_lib
+from unimp_jax.train import optim
+from unimp_jax.train import step as step_lib
+
+
+@pytest.mark.parametrize('gamma', [0.0, 2.0])
+def test_loss_matches_a_numpy_reference(gamma):
+  rng = np.random.default_rng(0)
+  b, t, v, num_tasks = 3, 7, 11, 5
+  logits = rng.normal(size=(b, t, v)) * 3
+  tokens = rng.integers(0, v, (b, t))
+  mask = rng.random((b, t)) < 0.5
+  weight = np.asarray([2.0, 1.0, 0.5])
+  task = np.asarray([0, 3, 0])
+  out = loss_lib.token_losses(jnp.asarray(logits, jnp.float32), tokens, mask, jnp.asarray(weight, jnp.float32),
+                              task, num_tasks=num_tasks, focal_gamma=gamma, z_loss=0.0)
+  # numpy, float64, one token at a time: position i predicts token i+1.
+  objective, count, ce_sum = 0.0, 0, np.zeros(num_tasks)
+  for r in range(b):
+    for i in range(t - 1):
+      if mask[r, i + 1]:
+        logp = logits[r, i] - np.log(np.exp(logits[r, i]).sum())
+        ce = -logp[tokens[r, i + 1]]
+        objective += weight[r] * (1 - np.exp(-ce)) ** gamma * ce
+        count += 1
+        ce_sum[task[r]] += ce
+  np.testing.assert_allclose(out['objective'], objective, rtol=1e-5)
+  assert out['tokens'] == count
+  np.testing.assert_allclose(out['ce_sum'], ce_sum, rtol=1e-5)
+  # The mean loss divides by supervised tokens, not by weights.
+  np.testing.assert_allclose(out['objective'] / out['tokens'], objective / count, rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  cfg = config_lib.base_config()
+  path = str(tmp_path_factory.mktemp('train') / 'fashion')
+  synthetic.build(path, num_items=150, num_users=60, seed=1, image_size=cfg.model.vision.image_size, bpe_vocab=1024)
+  dataset = formats.UnifiedDataset(path)
+  pipeline.fit_model_to_dataset(cfg, dataset)
+  cfg.data.update(seq_len=128, num_images=5, history=4)
+  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=128, num_images=5, history=4)
+  batch = next(iter(pipeline.make_dataset(builder, cfg.data, seed=0)))
+  batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])  # numerics: one device compiles fastest
+  graphdef, params = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0))
+  return cfg, mesh, graphdef, params, batch, dataset.tokenizer().pad_token_id
+
+
+def _trainer(setup, **train_overrides):
+  cfg, mesh, graphdef, params, batch, pad = setup
+  train_cfg = cfg.train.copy_and_resolve_references()
+  train_cfg.update(train_overrides)
+  pure = nnx.to_pure_dict(params)
+  tx = optim.make_optimizer(train_cfg, pure)
+  shardings, _ = step_lib.state_shardings(params, tx, mesh, cfg.mesh.rules)
+  state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(pure)
+  batch_sharding = step_lib.batch_shardings(mesh, cfg.mesh.rules, {k: v.ndim for k, v in batch.items()})
+  step = step_lib.make_train_step(graphdef, tx, train_cfg, pad_id=pad, shardings=shardings,
+                                  batch_sharding=batch_sharding)
+  return state, step
+
+
+def test_four_micro_batches_give_the_gradient_of_one_batch(setup):
+  cfg, _, graphdef, params, batch, pad = setup
+  pure = nnx.to_pure_dict(params)
+
+  def grads(microbatches):
+    train_cfg = cfg.train.copy_and_resolve_references()
+    train_cfg.microbatches = microbatches
+    return jax.jit(step_lib.accumulated_gradients(graphdef, train_cfg, pad_id=pad))(pure, batch)
+
+  (one, sums_one), (four, sums_four) = grads(1), grads(4)
+  assert sums_one['tokens'] == sums_four['tokens'] > 0
+  np.testing.assert_allclose(sums_four['objective'], sums_one['objective'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), four, one)
+
+
+def test_overfits_one_batch_and_stops_on_nan(setup):
+  state, step = _trainer(setup, learning_rate=3e-3, warmup_fraction=0.0, steps=30, schedule='constant')
+  batch = setup[4]
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[0] > 5.0 and losses[-1] < 1.0, losses
+  assert all(np.isfinite(losses))
+  before = jax.tree.map(np.asarray, state)
+  state, metrics = step(state, dict(batch, weight=np.full_like(batch['weight'], np.nan)))
+  assert not bool(metrics['finite'])
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+
+
+def test_frozen_parameters_stay_bit_identical(setup):
+  state, step = _trainer(setup, freeze_patterns=(r'^vision/', r'^lm/head$', r'^lm/groups/layers/'))
+  start = jax.tree.map(np.asarray, state['params'])
+  for _ in range(5):
+    state, _ = step(state, setup[4])
+  end = jax.tree.map(np.asarray, state['params'])
+  names = optim.param_names(start)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), start, end)
+  for name, did_move in zip(jax.tree.leaves(names), jax.tree.leaves(moved)):
+    frozen = name.startswith(('vision/', 'lm/groups/layers/')) or name == 'lm/head'
+    if frozen:
+      assert not did_move, name
+  # Added vocabulary rows of the head train while the base rows stay frozen; the connector trains.
+  assert not np.array_equal(start['lm']['added_head'], end['lm']['added_head'])
+  np.testing.assert_array_equal(start['lm']['head'], end['lm']['head'])
+  assert not np.array_equal(start['connector']['latents'], end['connector']['latents'])
+
+
+def test_freezing_everything_is_refused(setup):
+  train_cfg = config_lib.base_config().train
+  train_cfg.freeze_patterns = ('.*',)
+  with pytest.raises(ValueError, match='freeze every parameter'):
+    optim.make_optimizer(train_cfg, nnx.to_pure_dict(setup[3]))

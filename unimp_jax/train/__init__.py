@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, the jitted step, checkpoints, metrics and the run report."""

@@ -1,0 +1,115 @@
+"""A run's Markdown report: summary, evaluation tables and the loss curves from `metrics.jsonl`.
+
+Loss series are the keys `loss` (the total training loss) and `loss/<task>` (per-task losses) of the
+records `train/metrics.MetricsWriter` appends. Plotting uses matplotlib's object API on an Agg canvas,
+never pyplot, so it needs no display and touches no global figure state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+from collections.abc import Mapping
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+TOTAL_LOSS = 'loss'
+TASK_LOSS_PREFIX = 'loss/'
+_AT_K = re.compile(r'^(?P<name>.+)@(?P<k>\d+)$')
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Records of a metrics.jsonl, sorted by step; a step written twice (a resumed run) keeps its last."""
+  by_step: dict[int, dict] = {}
+  with open(path) as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{line_number}: not a JSON object: {e}') from None
+      by_step[int(record['step'])] = record
+  return [by_step[step] for step in sorted(by_step)]
+
+
+def loss_series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+  """{'loss': (steps, values), 'loss/<task>': ...}: the total first, then tasks alphabetically."""
+  names = sorted({k for r in records for k in r if k == TOTAL_LOSS or k.startswith(TASK_LOSS_PREFIX)},
+                 key=lambda k: (k != TOTAL_LOSS, k))
+  series = {}
+  for name in names:
+    points = [(r['step'], r[name]) for r in records if name in r and r[name] is not None]
+    series[name] = ([s for s, _ in points], [v for _, v in points])
+  return series
+
+
+def plot_losses(series: Mapping[str, tuple[list[int], list[float]]], path: str) -> Figure:
+  """Draws one line per series to a PNG at `path`; returns the figure (one axes, one line each)."""
+  fig = Figure(figsize=(8, 4.5), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for name, (steps, values) in series.items():
+    total = name == TOTAL_LOSS
+    ax.plot(steps, values, label=name, linewidth=2.0 if total else 1.0, color='black' if total else None)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss')
+  ax.grid(alpha=0.3)
+  if series:
+    ax.legend(fontsize='small')
+  fig.tight_layout()
+  fig.savefig(path, format='png')
+  return fig
+
+
+def _format(value) -> str:
+  if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+    value = float(value)
+    if math.isfinite(value) and value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+      return f'{value:.4g}'
+    return f'{value:.4f}'
+  return str(value).replace('|', '\\|')
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(_format(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def metrics_table(metrics: Mapping[str, float]) -> str:
+  """A two-column table; metrics that all read `NAME@K` (HR@1, NDCG@10, ...) become NAME x K instead."""
+  matches = [_AT_K.match(k) for k in metrics]
+  if metrics and all(matches):
+    names = list(dict.fromkeys(m['name'] for m in matches))
+    ks = sorted({int(m['k']) for m in matches})
+    rows = [[name] + [metrics.get(f'{name}@{k}', '') for k in ks] for name in names]
+    return _table(['metric'] + [f'@{k}' for k in ks], rows)
+  return _table(['metric', 'value'], [[k, v] for k, v in metrics.items()])
+
+
+def write_report(workdir: str, *, title: str, summary: Mapping[str, object],
+                 eval_tables: Mapping[str, Mapping[str, float]]) -> str:
+  """Writes `workdir/report.md` (and `workdir/loss.png` when losses were logged); returns the .md path."""
+  sections = [f'# {title}', '## Summary', _table(['setting', 'value'], [[k, v] for k, v in summary.items()])]
+  for name, table in eval_tables.items():
+    sections += [f'## {name}', metrics_table(table)]
+
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  series = loss_series(read_metrics(metrics_path)) if os.path.exists(metrics_path) else {}
+  sections.append('## Training loss')
+  if series:
+    plot_losses(series, os.path.join(workdir, 'loss.png'))
+    last = [[name, steps[-1], values[-1]] for name, (steps, values) in series.items() if steps]
+    sections += ['![training loss](loss.png)', _table(['series', 'last step', 'last value'], last)]
+  else:
+    sections.append(f'No `{TOTAL_LOSS}` or `{TASK_LOSS_PREFIX}<task>` values in {metrics_path}.')
+
+  path = os.path.join(workdir, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n\n'.join(sections) + '\n')
+  return path
