@@ -87,6 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.freeze_patterns = ()
   c.train.decay_patterns = (r'^lm/groups/cross/.*kernel$',)  # paper: decay on cross-attention weights only
   c.train.log_every = 10
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 100           # steps between saves (plus one at the end and one on SIGTERM)
+  c.checkpoint.keep = 3              # most recent checkpoints kept
+  c.checkpoint.async_save = True
+  c.checkpoint.init_params_from = ''  # a checkpoints/ directory: start from its parameters only
   return c
 
 

@@ -44,6 +44,16 @@ def target_position(num: int, split: str, stage: str, rng: np.random.Generator) 
   return num - 2 if (split == 'leave_last_out' and stage == 'valid') else num - 1
 
 
+def gather_images(dataset: formats.UnifiedDataset, image_items: np.ndarray) -> np.ndarray:
+  """uint8 [slots, H, W, 3]: the pictures of the slots' items, zeros for empty slots (-1)."""
+  size = dataset.image_size
+  images = np.zeros((len(image_items), size, size, 3), np.uint8)
+  shown = image_items >= 0
+  if shown.any():
+    images[shown] = dataset.images(image_items[shown])
+  return images
+
+
 @dataclasses.dataclass
 class MakeExample:
   """(epoch, user) -> feature dict. Picklable, so Grain worker processes can run it."""
@@ -63,12 +73,8 @@ class MakeExample:
     p = np.asarray([self.proportions[t] for t in names], np.float64)
     task = names[int(rng.choice(len(names), p=p / p.sum()))]
     ex = self.builder.build(task, user, target, with_answer=self.stage == 'train', rng=rng)
-    size = self.builder.dataset.image_size
-    images = np.zeros((len(ex.image_items), size, size, 3), np.uint8)
-    shown = ex.image_items >= 0
-    if shown.any():
-      images[shown] = self.builder.dataset.images(ex.image_items[shown])
-    return dict(tokens=ex.tokens, answer_mask=ex.answer_mask, images=images, image_items=ex.image_items,
+    return dict(tokens=ex.tokens, answer_mask=ex.answer_mask, images=gather_images(self.builder.dataset, ex.image_items),
+                image_items=ex.image_items,
                 task=np.int32(ex.task), weight=np.float32(self.weights[task]),
                 prompt_length=np.int32(ex.prompt_length), target=ex.target, user=np.int32(user_index))
 

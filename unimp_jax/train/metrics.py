@@ -158,7 +158,8 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # only process 0 needs it
       self._tb = SummaryWriter(logdir=workdir)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      # Line-buffered: a killed run keeps every step it logged.
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
 
   def write(self, step: int, scalars: Mapping[str, object]):
     """Writes `scalars` (Python numbers, numpy or 0-d jax arrays) for `step`."""

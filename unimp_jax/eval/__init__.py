@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics and the evaluation loops."""

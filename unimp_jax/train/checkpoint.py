@@ -1,0 +1,250 @@
+"""Checkpoints: the train state, the data iterator's position and the config, saved together per step.
+
+One orbax CheckpointManager directory; each step is a folder of items, none of them a pickle:
+
+    DIRECTORY/<step>/state     the train-state pytree {'step', 'params', 'opt_state'}: OCDBT/Zarr arrays that
+                               every process writes shard by shard, with JSON metadata
+                    /data      each process's Grain iterator state (JSON), so a resumed run sees the next batch
+                    /config    the run's config (JSON)
+                    /metrics   the metrics best-checkpoint retention ranks by (JSON; only with `best_metric`)
+
+Saves are asynchronous: `save` returns once the arrays are copied to host memory (so the next step may
+donate its buffers) and the iterator state is taken; the files are written on a background thread.
+
+Never half a checkpoint: orbax writes a step into `<step>.orbax-checkpoint-tmp/` and renames it to
+`<step>/` only after every item of every process is written, so a run killed mid-save leaves a tmp
+folder, never a partial `<step>/`. Steps are found by listing `<step>/` folders, so a tmp folder is never
+restored; a writable `Checkpointer` reports and deletes it when it opens the directory. (Not orbax's
+`cleanup_tmp_directories`: that runs in the background and can outlive `close`, racing the next opener.)
+
+A finished step can still go bad afterwards (a file deleted, truncated or garbled on disk). `restore`
+tries the newest step first and falls back to older ones, logging which step folder failed and why. A
+step is only judged bad when an older one restores with the same `abstract_state`; then it is moved to
+`DIRECTORY/unrestorable/` so that it neither shadows new saves (orbax refuses to save at or below the
+newest step) nor gets lost. If no step restores, nothing is moved (the likelier cause is an
+`abstract_state` that does not match, e.g. a changed model config) and the error lists every step's failure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import grain
+import jax
+import jax.experimental.multihost_utils
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+UNRESTORABLE = 'unrestorable'
+_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint step could be restored; the message lists each step folder and why it failed."""
+
+
+class Checkpointer:
+  """Saves every `save_every` steps, keeps the last `keep` steps plus the best one by `best_metric`.
+
+  Retention uses orbax's own policies, combined: `LatestN(keep)` OR `BestN(n=1)` on `best_metric`
+  (`best_mode` 'max' or 'min'). Steps saved without metrics count only towards the last `keep`.
+  """
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, best_metric: str | None = None,
+               best_mode: str = 'max', async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f'checkpoint save_every={save_every}: must be >= 1')
+    if keep < 1:
+      raise ValueError(f'checkpoint keep={keep}: must be >= 1 (the newest step is what a resumed run needs)')
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"checkpoint best_mode={best_mode!r}: choose 'max' or 'min'")
+    self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric
+    _handle_unfinished_saves(self.directory, remove=True)
+    policies = ocp.checkpoint_managers
+    preservation = policies.LatestN(n=keep)
+    best_fn = None
+    if best_metric is not None:
+      def best_fn(metrics):
+        return metrics[best_metric]
+      preservation = policies.AnyPreservationPolicy([preservation, policies.BestN(
+          get_metric_fn=best_fn, reverse=best_mode == 'min', n=1, keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_every),
+            policies.PreemptionCheckpointingPolicy(),  # a save when the cluster announces a preemption
+        ]),
+        preservation_policy=preservation,
+        best_fn=best_fn,  # also what makes orbax write the `metrics` item
+        best_mode=best_mode,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def should_save(self, step: int) -> bool:
+    """True at multiples of `save_every` (and at a preemption), unless `step` is already saved."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, *, data_iterator=None, config=None, metrics: Mapping | None = None,
+           force: bool = False) -> bool:
+    """Starts saving `step` if `should_save(step)` or `force`; returns whether a save started."""
+    if step in self._manager.all_steps():  # orbax refuses to overwrite a step; e.g. a forced final save
+      return False
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    if config is not None:
+      items['config'] = ocp.args.JsonSave(config.to_dict() if hasattr(config, 'to_dict') else dict(config))
+    if metrics is not None:
+      if self.best_metric is not None and self.best_metric not in metrics:
+        raise KeyError(f'checkpoint best_metric={self.best_metric!r} is not among the metrics given at step {step}: '
+                       f'{sorted(metrics)}')
+      metrics = {k: float(v) for k, v in metrics.items()}
+    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The best step by `best_metric` (the latest step when there is no metric)."""
+    return self._manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore(self, abstract_state, *, step: int | None = None, data_iterator=None):
+    """(state, step): `step`, or the newest step that restores, onto `abstract_state`'s shardings.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` on the current mesh, which
+    may differ from the mesh that saved it. `data_iterator`, when given, is moved to the saved position.
+    """
+    _require_shardings(abstract_state, 'abstract_state')
+    self._manager.wait_until_finished()
+
+    def args():
+      items = {'state': ocp.args.StandardRestore(abstract_state)}
+      if data_iterator is not None:
+        items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      return ocp.args.Composite(**items)
+
+    restored, good_step, bad_steps = _restore_newest(self._manager, self.directory, args, step)
+    if bad_steps:
+      self._set_aside(bad_steps)
+    return restored['state'], good_step
+
+  def restore_config(self, step: int | None = None) -> dict:
+    """The config saved with `step` (default: the latest), as the plain dict JSON holds."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    self._manager.wait_until_finished()
+    return dict(self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
+
+  def wait(self):
+    """Blocks until the background save, if any, has been written and renamed into place."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _set_aside(self, steps: list[int]):
+    """Moves bad step folders to DIRECTORY/unrestorable/ (process 0 renames; every process reloads)."""
+    if jax.process_count() > 1:
+      jax.experimental.multihost_utils.sync_global_devices('checkpoint: every process restored')
+    if jax.process_index() == 0:
+      aside = epath.Path(self.directory) / UNRESTORABLE
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        target = aside / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+        logging.warning('checkpoint: moving unrestorable step folder %s to %s', _step_dir(self.directory, step),
+                        target)
+        _step_dir(self.directory, step).rename(target)
+    if jax.process_count() > 1:
+      jax.experimental.multihost_utils.sync_global_devices('checkpoint: bad steps set aside')
+    self._manager.reload()
+
+
+def restore_params(directory: str, abstract_params, *, step: int | None = None):
+  """Only `state['params']` of a Checkpointer directory, onto `abstract_params`' shardings.
+
+  For starting one run from another's weights (e.g. single-task fine-tuning from a multi-task run):
+  the optimizer state, data position and step are not read. Falls back past bad steps like `restore`,
+  but moves nothing (the directory belongs to another run). Returns the params pytree.
+  """
+  _require_shardings(abstract_params, 'abstract_params')
+  directory = os.path.abspath(directory)
+  _handle_unfinished_saves(directory, remove=False)
+  target = {'params': abstract_params}
+
+  def args():
+    return ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    restored, _, _ = _restore_newest(manager, directory, args, step)
+  return restored['state']['params']
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding a step that restores
+# --------------------------------------------------------------------------------------------------
+
+def _restore_newest(manager: ocp.CheckpointManager, directory: str, make_args: Callable, step: int | None):
+  """(restored items, step, newer steps that failed). Tries `step` only, or every step newest first."""
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {directory}')
+  failures, last_error = [], None
+  for candidate in steps:
+    try:
+      return manager.restore(candidate, args=make_args()), candidate, [s for s, _ in failures]
+    except Exception as e:  # noqa: BLE001 -- any read error means "this step is unusable"; the next is tried
+      reason, last_error = _one_line(e), e
+      failures.append((candidate, reason))
+      if step is None:
+        logging.warning('checkpoint: step %d at %s cannot be restored (%s); trying the previous step',
+                        candidate, _step_dir(directory, candidate), reason)
+  listing = '\n'.join(f'  step {s} at {_step_dir(directory, s)}: {reason}' for s, reason in failures)
+  hint = ('If every step fails the same way, what was asked for does not match what was saved: a changed model or '
+          'optimizer config, or a data iterator asked of checkpoints saved without one.')
+  raise CheckpointError(f'no checkpoint in {directory} could be restored:\n{listing}\n{hint}') from last_error
+
+
+def _handle_unfinished_saves(directory: str, *, remove: bool):
+  """Logs (and removes) the tmp folders a run killed mid-save left behind; orbax never lists them as steps."""
+  path = epath.Path(directory)
+  leftovers = sorted(p for p in path.iterdir() if _TMP_MARK in p.name) if path.exists() else []
+  for leftover in leftovers:
+    logging.warning('checkpoint: step %s at %s was never finished (a run stopped mid-save); it is ignored%s',
+                    leftover.name.split('.')[0], leftover, ' and removed' if remove else '')
+    if remove and jax.process_index() == 0:
+      leftover.rmtree()
+  if remove and jax.process_count() > 1:
+    jax.experimental.multihost_utils.sync_global_devices('checkpoint: unfinished saves removed')
+
+
+def _step_dir(directory: str, step: int) -> epath.Path:
+  return epath.Path(directory) / str(step)  # orbax's default step naming: no prefix, no padding
+
+
+def _require_shardings(tree, what: str):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if getattr(leaf, 'sharding', None) is None:
+      raise ValueError(f'{what}{jax.tree_util.keystr(path)} has no sharding; build it as '
+                       'jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))')
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+  text = ' '.join(f'{type(e).__name__}: {e}'.split())
+  return text if len(text) <= limit else text[:limit] + '...'

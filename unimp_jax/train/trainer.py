@@ -1,0 +1,144 @@
+"""The training loop, readable top to bottom: data, mesh, state, compile, loop, checkpoints.
+
+A run is resumable exactly: the train state and the Grain iterator position are saved together, and
+every batch is a pure function of (seed, epoch, user), so a restarted run (after a crash, SIGKILL or
+SIGTERM) continues with the same batches and, on CPU, bit-identical losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from unimp_jax import config as config_lib
+from unimp_jax.data import pipeline, tasks
+from unimp_jax.model import unimp
+from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.train import checkpoint as checkpoint_lib
+from unimp_jax.train import metrics as metrics_lib
+from unimp_jax.train import optim
+from unimp_jax.train import step as step_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Run:
+  """What a finished (or stopped) run hands on: for evaluation, reports and tests."""
+  cfg: object
+  mesh: jax.sharding.Mesh
+  graphdef: object
+  state: dict
+  builder: tasks.TaskBuilder
+  last_step: int
+  stopped_by_signal: bool
+
+
+def say(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+
+
+def train(cfg, workdir: str) -> Run:
+  # ---- data ------------------------------------------------------------------------------------------
+  dataset = pipeline.open_dataset(cfg)
+  pipeline.fit_model_to_dataset(cfg, dataset)
+  mesh_shape = config_lib.validate(cfg, jax.device_count())
+  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=cfg.data.seq_len,
+                              num_images=cfg.data.num_images, history=cfg.data.history)
+  batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
+
+  # ---- set up the mesh, model and optimizer ------------------------------------------------------------
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  say(f'mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} {jax.devices()[0].platform} device(s)')
+  graphdef, abstract_params = unimp.abstract_model(cfg.model, cfg.seed)
+  tx = optim.make_optimizer(cfg.train, nnx.to_pure_dict(abstract_params))
+  shardings, abstract_state = step_lib.state_shardings(abstract_params, tx, mesh, cfg.mesh.rules)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, shardings)
+
+  # ---- restore, or initialise directly sharded ----------------------------------------------------------
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+      async_save=cfg.checkpoint.async_save)
+  if checkpointer.latest_step() is not None:
+    state, start = checkpointer.restore(abstract_state, data_iterator=batches)
+    say(f'resumed from step {start} ({checkpointer.directory})')
+  else:
+    params = nnx.to_pure_dict(nnx.state(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)))
+    if cfg.checkpoint.init_params_from:
+      params = checkpoint_lib.restore_params(cfg.checkpoint.init_params_from, abstract_state['params'])
+      say(f'initialised parameters from {cfg.checkpoint.init_params_from}')
+    state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)
+    start = 0
+
+  # ---- compile the step once; show its memory before step 0 ----------------------------------------------
+  first = next(batches)
+  batch_spec = {k: first[k].ndim for k in step_lib.BATCH_KEYS}
+  train_step = step_lib.make_train_step(
+      graphdef, tx, cfg.train, pad_id=builder.pad, shardings=shardings,
+      batch_sharding=step_lib.batch_shardings(mesh, cfg.mesh.rules, batch_spec))
+  with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
+    global_first = pipeline.global_batch({k: first[k] for k in step_lib.BATCH_KEYS}, mesh, cfg.mesh.rules)
+    compiled = train_step.lower(state, global_first).compile()
+  say(f'compiled train step memory: {compiled.memory_analysis()}')
+  flops_per_step = metrics_lib.flops_per_example(cfg.model, cfg.data.seq_len, cfg.data.num_images)['total'] \
+      * cfg.data.batch_size
+  learning_rate = optim.schedule(cfg.train)
+
+  # ---- SIGTERM (preemption): finish the current step, save, exit -------------------------------------------
+  stop = {'signal': False}
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+
+  # ---- the loop ------------------------------------------------------------------------------------------
+  writer = metrics_lib.MetricsWriter(workdir)
+  progress = tqdm.tqdm(total=cfg.train.steps, initial=start, desc='train', dynamic_ncols=True,
+                       disable=jax.process_index() != 0)
+  step, local = start, first
+  try:
+    with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
+      while step < cfg.train.steps and not stop['signal']:
+        begin = time.perf_counter()
+        batch = pipeline.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh, cfg.mesh.rules)
+        state, metrics = compiled(state, batch)
+        metrics = jax.device_get(metrics)
+        seconds = time.perf_counter() - begin
+        step += 1
+        if not metrics['finite']:
+          raise TrainingDiverged(f'step {step}: loss {metrics["loss"]} / gradient norm {metrics["grad_norm"]} is '
+                                 f'not finite; the last good checkpoint is at step {checkpointer.latest_step()}')
+        images = int((local['images'].reshape(*local['images'].shape[:2], -1).max(-1) > 0).sum())
+        scalars = {k: float(v) for k, v in metrics.items() if k != 'finite' and np.isfinite(v)}
+        scalars.update(learning_rate=float(learning_rate(step - 1)), step_seconds=seconds,
+                       tokens_per_second=local['tokens'].size / seconds, images_per_second=images / seconds)
+        mfu = metrics_lib.mfu(flops_per_step, seconds, jax.device_count(), jax.devices()[0].device_kind)
+        if mfu is not None:
+          scalars['mfu'] = mfu
+        writer.write(step, scalars)
+        progress.update(1)
+        if step % cfg.train.log_every == 0 or step == 1:
+          progress.set_postfix(loss=f'{scalars["loss"]:.3f}', grad_norm=f'{scalars["grad_norm"]:.2f}',
+                               tokens_per_s=f'{scalars["tokens_per_second"]:.0f}')
+        if checkpointer.should_save(step) or stop['signal'] or step == cfg.train.steps:
+          checkpointer.save(step, state, data_iterator=batches, config=cfg, force=True)
+        if step < cfg.train.steps and not stop['signal']:
+          local = next(batches)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    progress.close()
+    writer.close()
+    checkpointer.wait()
+    checkpointer.close()
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(cfg.to_dict(), f, indent=2, default=str)
+  return Run(cfg, mesh, graphdef, state, builder, step, stop['signal'])
