@@ -11,4 +11,5 @@ def get_config(arg=None):
   c.model.lm.update(vocab_size=8192, width=512, mlp_dim=1408, num_layers=8, num_heads=8, num_kv_heads=8,
                     cross_attn_every=2)
   c.data.seq_len = 256
+  c.data.path = 'data/generated/fashion-64px'  # pictures stored at the tower's 64 px
   return c

@@ -23,6 +23,7 @@ from unimp_jax.data import formats, pipeline, synthetic, tasks
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
+from unimp_jax.train import step as step_lib
 
 
 def _mesh(data, fsdp, tensor):
@@ -38,16 +39,8 @@ def abstract_params_state():
 
 def _abstract_train_state(params_state, mesh, tx):
   """The tiny model's train state as ShapeDtypeStructs carrying the shardings of `mesh` (what a trainer
-  passes to `restore`): params from the logical-axis rules, optimizer moments like their params."""
-  rules = config_lib.base_config().mesh.rules
-  shardings = nnx.to_pure_dict(mesh_lib.state_shardings(params_state, mesh, rules))
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nnx.to_pure_dict(params_state), shardings)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  opt_state = optax.tree_map_params(
-      tx, lambda _, p: p, jax.eval_shape(tx.init, params), params,
-      transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
-  return {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), 'params': params, 'opt_state': opt_state}
+  passes to `restore`)."""
+  return step_lib.state_shardings(params_state, tx, mesh, config_lib.base_config().mesh.rules)[1]
 
 
 def _random_arrays(abstract, seed):
@@ -222,6 +215,7 @@ import os, sys
 import jax, jax.numpy as jnp
 from orbax.checkpoint._src.path import atomicity
 from unimp_jax.train import checkpoint as checkpoint_lib
+from unimp_jax.train import step as step_lib
 
 async def die(self):
   os._exit(9)

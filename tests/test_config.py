@@ -31,6 +31,9 @@ def test_command_line_overrides_apply_and_unknown_keys_fail():
     (('model.lm.cross_attn_every=3',), 'model.lm.cross_attn_every'),
     (('model.lm.media_mask=nearest',), 'model.lm.media_mask'),
     (('model.vision.patch_size=7',), 'model.vision.image_size'),
+    (('train.microbatches=3',), 'train.microbatches'),
+    (('train.schedule=exponential',), 'train.schedule'),
+    (('data.split=random',), 'data.split'),
 ])
 def test_bad_configs_fail_before_compiling_and_name_the_key(overrides, key):
   cfg = config_lib.load('configs/tiny.py', overrides)

@@ -126,3 +126,36 @@ def test_freezing_everything_is_refused(setup):
   train_cfg.freeze_patterns = ('.*',)
   with pytest.raises(ValueError, match='freeze every parameter'):
     optim.make_optimizer(train_cfg, nnx.to_pure_dict(setup[3]))
+
+
+def test_checkpoint_from_one_mesh_restores_on_another_with_the_same_next_loss(setup, tmp_path):
+  from unimp_jax.train import checkpoint as checkpoint_lib
+  cfg, _, graphdef, params, batch, pad = setup
+  tx = optim.make_optimizer(cfg.train, nnx.to_pure_dict(params))
+  grads = step_lib.accumulated_gradients(graphdef, cfg.train, pad_id=pad)
+
+  def on_mesh(shape):
+    mesh_cfg = cfg.mesh.copy_and_resolve_references()
+    mesh_cfg.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    mesh = mesh_lib.make_mesh(mesh_cfg)
+    shardings, abstract = step_lib.state_shardings(params, tx, mesh, cfg.mesh.rules)
+    placed = {k: jax.device_put(v, mesh_lib.data_sharding(mesh, cfg.mesh.rules, v.ndim)) for k, v in batch.items()}
+    return mesh, shardings, abstract, placed
+
+  mesh_a, shardings_a, _, batch_a = on_mesh((8, 1, 1))
+  params_a = jax.device_put(nnx.to_pure_dict(params), shardings_a['params'])
+  state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings_a)(params_a)
+  with checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False) as checkpointer:
+    checkpointer.save(1, state)
+  mesh_b, _, abstract_b, batch_b = on_mesh((2, 4, 1))
+  with checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=1) as checkpointer:
+    restored, step = checkpointer.restore(abstract_b)
+  assert step == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
+  assert restored['params']['lm']['embed'].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+  with mesh_lib.use_mesh(mesh_a, cfg.mesh.rules):
+    loss_a = jax.jit(grads)(state['params'], batch_a)[1]
+  with mesh_lib.use_mesh(mesh_b, cfg.mesh.rules):
+    loss_b = jax.jit(grads)(restored['params'], batch_b)[1]
+  np.testing.assert_allclose(loss_b['objective'] / loss_b['tokens'], loss_a['objective'] / loss_a['tokens'],
+                             rtol=1e-6)

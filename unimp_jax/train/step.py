@@ -27,39 +27,19 @@ def init_state(params, tx: optax.GradientTransformation) -> dict:
 
 
 def state_shardings(abstract_params, tx, mesh, rules):
-  """(shardings, abstract state) of the whole train state; optimizer moments follow their parameters.
-
-  optax keeps moments in trees shaped like the parameters, nested inside its own state tuples; a moment
-  leaf is recognised by the parameter path its own path ends with.
-  """
+  """(shardings, abstract state carrying them) of the whole train state: optimizer moments take their
+  parameter's sharding (`optax.tree_map_params` pairs them), counters and other scalars are replicated."""
   pure_params = nnx.to_pure_dict(abstract_params)
   param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh, rules))
-  by_path = dict(_flatten(param_shardings))
-  shapes = {path: leaf.shape for path, leaf in _flatten(pure_params)}
   abstract_state = jax.eval_shape(lambda p: init_state(p, tx), pure_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def follow_param(path, leaf):
-    names = tuple(_key_name(k) for k in path)
-    for start in range(len(names)):
-      if names[start:] in by_path and shapes[names[start:]] == leaf.shape:
-        return by_path[names[start:]]
-    return replicated
-
-  shardings = {'step': replicated, 'params': param_shardings,
-               'opt_state': jax.tree_util.tree_map_with_path(follow_param, abstract_state['opt_state'])}
-  return shardings, abstract_state
-
-
-def _key_name(key):
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return key
-
-
-def _flatten(tree):
-  return [(tuple(_key_name(k) for k in path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen parameters hold no optimizer state
+  opt_shardings = optax.tree_map_params(
+      tx, lambda leaf, sharding: leaf if masked(leaf) else sharding, abstract_state['opt_state'], param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=masked)
+  shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  return shardings, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 abstract_state, shardings)
 
 
 def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):

@@ -64,8 +64,6 @@ def train(cfg, workdir: str) -> Run:
   graphdef, abstract_params = unimp.abstract_model(cfg.model, cfg.seed)
   tx = optim.make_optimizer(cfg.train, nnx.to_pure_dict(abstract_params))
   shardings, abstract_state = step_lib.state_shardings(abstract_params, tx, mesh, cfg.mesh.rules)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, shardings)
 
   # ---- restore, or initialise directly sharded ----------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(
@@ -124,13 +122,15 @@ def train(cfg, workdir: str) -> Run:
         mfu = metrics_lib.mfu(flops_per_step, seconds, jax.device_count(), jax.devices()[0].device_kind)
         if mfu is not None:
           scalars['mfu'] = mfu
+        if checkpointer.should_save(step) or stop['signal'] or step == cfg.train.steps:
+          begin = time.perf_counter()
+          checkpointer.save(step, state, data_iterator=batches, config=cfg, force=True)
+          scalars['checkpoint_blocking_seconds'] = time.perf_counter() - begin  # the rest is asynchronous
         writer.write(step, scalars)
         progress.update(1)
         if step % cfg.train.log_every == 0 or step == 1:
           progress.set_postfix(loss=f'{scalars["loss"]:.3f}', grad_norm=f'{scalars["grad_norm"]:.2f}',
                                tokens_per_s=f'{scalars["tokens_per_second"]:.0f}')
-        if checkpointer.should_save(step) or stop['signal'] or step == cfg.train.steps:
-          checkpointer.save(step, state, data_iterator=batches, config=cfg, force=True)
         if step < cfg.train.steps and not stop['signal']:
           local = next(batches)
   finally:
