@@ -73,10 +73,11 @@ def train(cfg, workdir: str) -> Run:
     state, start = checkpointer.restore(abstract_state, data_iterator=batches)
     say(f'resumed from step {start} ({checkpointer.directory})')
   else:
-    params = nnx.to_pure_dict(nnx.state(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)))
-    if cfg.checkpoint.init_params_from:
+    if cfg.checkpoint.init_params_from:  # e.g. single-task fine-tuning from a multi-task run
       params = checkpoint_lib.restore_params(cfg.checkpoint.init_params_from, abstract_state['params'])
       say(f'initialised parameters from {cfg.checkpoint.init_params_from}')
+    else:
+      params = nnx.to_pure_dict(nnx.state(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)))
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)
     start = 0
 
@@ -115,7 +116,7 @@ def train(cfg, workdir: str) -> Run:
         if not metrics['finite']:
           raise TrainingDiverged(f'step {step}: loss {metrics["loss"]} / gradient norm {metrics["grad_norm"]} is '
                                  f'not finite; the last good checkpoint is at step {checkpointer.latest_step()}')
-        images = int((local['images'].reshape(*local['images'].shape[:2], -1).max(-1) > 0).sum())
+        images = int((local['image_items'] >= 0).sum())
         scalars = {k: float(v) for k, v in metrics.items() if k != 'finite' and np.isfinite(v)}
         scalars.update(learning_rate=float(learning_rate(step - 1)), step_seconds=seconds,
                        tokens_per_second=local['tokens'].size / seconds, images_per_second=images / seconds)
