@@ -3,6 +3,10 @@
 With atomic item ids every item is one token, so the logits at the answer position, restricted to the
 item tokens, rank the whole catalogue exactly. HR@K, NDCG@K and MRR@K follow from the target's rank.
 Padding rows added to fill the last batch are dropped before anything is counted.
+
+Every ranker in this codebase (UniMP, the baselines) is scored the same way: the items the user
+interacted with before the target are removed from the ranking (the usual full-sort protocol; the
+synthetic shoppers never buy an item twice), and the target's 0-based rank among the rest is counted.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ def ranking_metrics(ranks: np.ndarray, ks=KS) -> dict[str, float]:
     out[f'NDCG@{k}'] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
     out[f'MRR@{k}'] = float(np.where(hit, 1.0 / (ranks + 1.0), 0.0).mean())
   return out
+
+
+def seen_before(user, target: int) -> np.ndarray:
+  """Item ids the user interacted with before interaction `target` (excluded from the ranking)."""
+  return np.asarray([i.item for i in user.interactions[:target]], np.int64)
+
+
+def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
+  """0-based rank of each row's target among its items, after removing that row's `seen` items (the
+  target itself is never removed). Ties count against the target: rank = #items scored strictly higher."""
+  scores = np.array(scores, np.float64)
+  rows = np.arange(len(scores))
+  if seen is not None:
+    for r, items in enumerate(seen):
+      items = np.asarray(items, np.int64)
+      scores[r, items[items != targets[r]]] = -np.inf
+  return (scores > scores[rows, targets][:, None]).sum(1)
 
 
 def target_ranks(graphdef, state_params, builder: tasks.TaskBuilder, task: str, stage: str, split: str,
