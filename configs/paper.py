@@ -31,6 +31,8 @@ def get_config(arg='3b'):
   c.model.lm.update(**LMS[arg])
   c.mesh.update(data=1, fsdp=-1)
   c.data.update(batch_size=48, seq_len=1024, num_images=10)
+  # With data.item_ids=semantic: TIGER's 3 levels of 256 codes (+ the collision level) for real catalogues.
+  c.data.semantic.update(levels=3, codebook=256, max_collisions=64)
   # The paper's recipe: AdamW 2e-4, cosine with 1% warm-up, clip 1.0, weight decay 0.1 on cross-attention
   # weights; vision tower and LM blocks frozen; perceiver, cross-attention, embeddings and head rows of the
   # added vocabulary trained.

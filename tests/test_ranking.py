@@ -29,3 +29,11 @@ def test_against_brute_force_on_score_lists():
     np.testing.assert_allclose(m[f'HR@{k}'], np.mean(hits))
     np.testing.assert_allclose(m[f'NDCG@{k}'], np.mean(ndcg))
     np.testing.assert_allclose(m[f'MRR@{k}'], np.mean(rr))
+
+
+def test_ranks_remove_seen_items_and_count_ties_against_the_target():
+  scores = np.asarray([[1., 5., 5., 3., 0.], [2., 2., 2., 2., 2.]])
+  targets = np.asarray([2, 0])
+  seen = [np.asarray([1, 4]), np.asarray([0, 3])]  # row 1 "saw" its own target: it is never removed
+  np.testing.assert_array_equal(ranking.ranks_from_scores(scores, targets, seen), [0, 3])
+  np.testing.assert_array_equal(ranking.ranks_from_scores(scores, targets), [1, 4])

@@ -1,19 +1,21 @@
 """The configuration tree every preset in configs/ starts from, and its one-time validation.
 
-Sections: `model` (vision, connector, lm), `mesh` (axis sizes and the logical-axis rules table) and
-`data` (the batch shape). Configs are locked, so a misspelt key, in a file or on the command line
+Sections: `model` (vision, connector, lm), `mesh` (axis sizes and the logical-axis rules table),
+`data` (the dataset, batch shape, task mixture, and how items are shown and named), `train` and
+`checkpoint`. Configs are locked, so a misspelt key, in a file or on the command line
 (`--config.model.lm.num_layers=8`), fails at once and names the key.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from unimp_jax.data import pipeline, tasks
+from unimp_jax.data import pipeline, semantic_ids, tasks
 from unimp_jax.sharding import mesh as mesh_lib
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -22,6 +24,7 @@ ACTIVATIONS = ('quick_gelu', 'gelu')
 MEDIA_MASKS = ('previous', 'all')
 ALPHA_TYPES = ('float', 'vector')
 SCHEDULES = ('cosine', 'linear', 'constant')
+ITEM_IDS = ('atomic', 'semantic')
 
 
 class ConfigError(ValueError):
@@ -49,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       added_vocab_size=16,
       width=128, mlp_dim=352, num_layers=4, num_heads=4, num_kv_heads=4, rope_theta=10000.0,
       norm_eps=1e-6, tie_embeddings=False,
-      cross_attn_every=2, media_mask='previous', alpha_type='float', qk_norm=False))
+      cross_attn_every=2, media_mask='previous', alpha_type='float', alpha_init=0.0, qk_norm=False))
   c.model.image_token_id = c.model.lm.get_ref('vocab_size')
 
   c.mesh = ml_collections.ConfigDict()
@@ -66,6 +69,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_images = 5     # image slots per example
   c.data.history = 10       # most recent items in a prompt (fewer when seq_len or num_images run out)
   c.data.workers = 0        # Grain worker processes (0: in the training process)
+  # What an item chunk shows: 'image+text' (UniMP), 'text' (no pictures; the model runs without images)
+  # or 'ids' (only the item's id tokens: the history is the id sequence). See unimp_jax.data.tasks.
+  c.data.item_content = 'image+text'
+  # How an item is written: 'atomic' (one token item_i per item) or 'semantic' (residual k-means codes of
+  # item embeddings, one token per level and code, sid_{level}_{code}; unimp_jax.data.semantic_ids).
+  c.data.item_ids = 'atomic'
+  c.data.semantic = ml_collections.ConfigDict(dict(
+      levels=3,             # k-means levels, then one collision level
+      codebook=32,          # codes per k-means level
+      max_collisions=16,    # tokens of the collision level: most items that may share all k-means codes
+      embeddings='',        # .npy / .safetensors [num_items, D]; '' = our own towers' item embeddings
+      seed=0, init='k-means++', iterations=50))
   # Task mixture (relative proportions) and per-example loss weights (paper: recommendation 2.0).
   c.data.tasks = ml_collections.ConfigDict(dict(
       recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0))
@@ -146,6 +161,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
     _check(set(cfg.data[key]) == set(tasks.TASKS), f'data.{key}', f'needs exactly the tasks {tasks.TASKS}')
   _check(sum(cfg.data.tasks.values()) > 0 and min(cfg.data.tasks.values()) >= 0, 'data.tasks',
          'proportions must be >= 0 and not all 0')
+  _check_choice(cfg, 'data.item_content', tasks.ITEM_CONTENTS)
+  _check_choice(cfg, 'data.item_ids', ITEM_IDS)
+  sem = cfg.data.semantic
+  _check(sem.levels >= 1, 'data.semantic.levels', f'{sem.levels}: needs at least 1 k-means level')
+  _check(sem.codebook >= 2, 'data.semantic.codebook', f'{sem.codebook}: needs at least 2 codes per level')
+  _check(sem.max_collisions >= 1, 'data.semantic.max_collisions', f'{sem.max_collisions}: must be >= 1')
+  _check(sem.iterations >= 1, 'data.semantic.iterations', f'{sem.iterations}: must be >= 1')
+  _check_choice(cfg, 'data.semantic.init', semantic_ids.INITS)
+  _check(not sem.embeddings or os.path.isfile(sem.embeddings), 'data.semantic.embeddings',
+         f'{sem.embeddings!r} is not a file (a .npy or .safetensors [num_items, D]; \'\' = our own towers)')
   t = cfg.train
   _check(t.schedule in SCHEDULES, 'train.schedule', f'{t.schedule!r} is not one of {SCHEDULES}')
   per_process = cfg.data.batch_size // max(1, data * fsdp)

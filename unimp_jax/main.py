@@ -4,8 +4,9 @@
 
 On a fresh clone this builds the embedded default dataset at `data.path` if it is missing, trains the
 configured model on the task mixture with Orbax checkpoints in WORKDIR/checkpoints (rerunning the same
-command resumes), ranks the full catalogue for recommendation and search on the held-out users, and
-writes WORKDIR/report.md with WORKDIR/loss.png, next to metrics.jsonl and TensorBoard event files.
+command resumes), evaluates every trained task on the held-out users (unimp_jax.eval.evaluate), and
+writes WORKDIR/report.md with WORKDIR/loss.png and WORKDIR/gallery.png, next to metrics.jsonl and
+TensorBoard event files.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimp_jax.eval import ranking
+from unimp_jax.data import pipeline
+from unimp_jax.eval import evaluate, gallery, predictor as predictor_lib
 from unimp_jax.train import report, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and the report go.', required=True)
+GALLERY_USERS = 4
+
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (SLURM, TPU pods).')
 
 
@@ -37,22 +41,37 @@ def main(argv):
     trainer.say(f'stopped by SIGTERM at step {run.last_step}; rerun the same command to resume')
     return
 
-  # ---- evaluate: full-catalogue ranking on users never seen in training -----------------------------------
-  builder = run.builder
-  tables = {}
-  for task in ('recommendation', 'search'):
-    ranks = ranking.target_ranks(run.graphdef, run.state['params'], builder, task, 'test', cfg.data.split,
-                                 cfg.data.batch_size, builder.pad)
-    tables[f'{task} (test users, {len(ranks)}; full catalogue of {builder.ids.num_items} items)'] = \
-        ranking.ranking_metrics(ranks)
+  # ---- evaluate every trained task on users never seen in training ------------------------------------
+  builder, params = run.builder, run.state['params']
+  trained = [t for t in evaluate.EVAL_TASKS if cfg.data.tasks[t] > 0]
+  results = evaluate.evaluate(run.graphdef, params, builder, split=cfg.data.split, batch_size=cfg.data.batch_size,
+                              tasks_to_run=trained)
+  ranked = '; full-catalogue ranking' if builder.item_tokens.shape[1] == 1 else '; 20-beam search over item ids'
+  tables = {f'{task} (test users: {m["users"]}{ranked if task in ("recommendation", "search") else ""})':
+            {k: v for k, v in m.items() if k != 'users'} for task, m in results.items()}
+
+  # ---- a gallery: a few test users' histories next to what the model recommends --------------------------
+  predictor = predictor_lib.Predictor(cfg, run.graphdef, params, builder.dataset, workdir)
+  rows = []
+  for u in pipeline.split_users(builder.dataset, cfg.data.split, 'test')[:GALLERY_USERS]:
+    user = builder.dataset.user(int(u))
+    target = pipeline.target_position(len(user.interactions), cfg.data.split, 'test', None)
+    history = [i.item for i in user.interactions[:target]][-cfg.data.history:]
+    rows.append({'title': f'test user {u}', 'history': history, 'recommended': predictor.recommend(history, 8),
+                 'target': user.interactions[target].item})
+  if jax.process_index() == 0:
+    gallery.write_gallery(os.path.join(workdir, 'gallery.png'), rows, builder.dataset)
+
   extra = builder.dataset.manifest['extra']
-  summary = {'steps': run.last_step, 'dataset': builder.dataset.path, 'items': builder.ids.num_items,
-             'users': builder.dataset.num_users, 'parameters': sum(x.size for x in jax.tree.leaves(run.state['params']))}
+  summary = {'steps': run.last_step, 'dataset': builder.dataset.path, 'items': len(builder.dataset.items),
+             'users': builder.dataset.num_users, 'parameters': sum(x.size for x in jax.tree.leaves(params))}
   if 'oracle_hr@10' in extra:
     summary.update({'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
                     'colour-blind HR@10 (text-only ceiling)': extra['colour_blind_hr@10']})
   path = report.write_report(workdir, title=f'UniMP on {builder.dataset.manifest["name"]}', summary=summary,
-                             eval_tables=tables)
+                             eval_tables=tables, extra_sections=[
+                                 '## Gallery (test users: history, then top-8 recommendations; target outlined)',
+                                 '![gallery](gallery.png)'])
   if jax.process_index() == 0:
     with open(path) as f:
       print(f.read())

@@ -21,7 +21,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import pipeline, tasks
+from unimp_jax.data import pipeline
 from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 
@@ -69,10 +69,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   dataset = pipeline.open_dataset(cfg)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  builder = pipeline.make_builder(cfg, dataset)  # fits the vocabulary; atomic ids (semantic ones need a run)
   config_lib.validate(cfg, jax.device_count())
-  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=cfg.data.seq_len,
-                              num_images=cfg.data.num_images, history=cfg.data.history)
   rates = {}
   for workers in (0, 2):
     data_cfg = cfg.data.copy_and_resolve_references()

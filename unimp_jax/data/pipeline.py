@@ -11,7 +11,6 @@ the same batches, and the union of all processes' examples is the single-process
 from __future__ import annotations
 
 import dataclasses
-
 import os
 
 import grain
@@ -20,7 +19,8 @@ import jax.experimental.multihost_utils
 import numpy as np
 from absl import logging
 
-from unimp_jax.data import formats, synthetic, tasks
+from unimp_jax.data import formats, semantic_ids, synthetic, tasks
+from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.sharding import mesh as mesh_lib
 
@@ -73,10 +73,12 @@ class MakeExample:
     p = np.asarray([self.proportions[t] for t in names], np.float64)
     task = names[int(rng.choice(len(names), p=p / p.sum()))]
     ex = self.builder.build(task, user, target, with_answer=self.stage == 'train', rng=rng)
-    return dict(tokens=ex.tokens, answer_mask=ex.answer_mask, images=gather_images(self.builder.dataset, ex.image_items),
-                image_items=ex.image_items,
-                task=np.int32(ex.task), weight=np.float32(self.weights[task]),
-                prompt_length=np.int32(ex.prompt_length), target=ex.target, user=np.int32(user_index))
+    features = dict(tokens=ex.tokens, answer_mask=ex.answer_mask, image_items=ex.image_items,
+                    task=np.int32(ex.task), weight=np.float32(self.weights[task]),
+                    prompt_length=np.int32(ex.prompt_length), target=ex.target, user=np.int32(user_index))
+    if self.builder.uses_images:  # text-only and id-only runs carry no pictures at all
+      features['images'] = gather_images(self.builder.dataset, ex.image_items)
+    return features
 
 
 def make_dataset(builder: tasks.TaskBuilder, data_cfg, *, seed: int, stage: str = 'train',
@@ -110,10 +112,19 @@ def open_dataset(cfg) -> formats.UnifiedDataset:
   return formats.UnifiedDataset(cfg.data.path)
 
 
+def token_ids(cfg, dataset: formats.UnifiedDataset) -> TokenIds:
+  """The run's token layout: the dataset tokenizer's, plus the semantic id tokens `data.semantic` fixes."""
+  layout = dataset.tokenizer().unimp_layout
+  if cfg.data.item_ids == 'semantic':
+    layout = dict(layout, semantic_codebooks=list(semantic_ids.codebook_sizes(cfg.data.semantic)))
+  return TokenIds(layout)
+
+
 def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
-  """Sets the vocabulary sizes from the dataset's tokenizer (item counts come from the data, never from
-  a preset) and checks that the stored pictures have the vision tower's size."""
-  ids = TokenIds(dataset.tokenizer().unimp_layout)
+  """Sets the vocabulary sizes from the dataset's tokenizer and the config's semantic id tokens (item
+  counts come from the data, never from a preset) and checks that the stored pictures have the vision
+  tower's size. Needs no model parameters, so the model can be built after it."""
+  ids = token_ids(cfg, dataset)
   cfg.model.lm.vocab_size = ids.base_vocab_size  # `<image>` is the first added token: image_token_id follows
   cfg.model.lm.added_vocab_size = ids.added_vocab_size
   if cfg.model.image_token_id != ids.image:
@@ -122,6 +133,23 @@ def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
   if dataset.image_size != cfg.model.vision.image_size:
     raise ValueError(f'{dataset.path} stores {dataset.image_size} px pictures but config.model.vision.image_size '
                      f'is {cfg.model.vision.image_size}; rebuild the dataset or change the config')
+
+
+def make_builder(cfg, dataset: formats.UnifiedDataset, workdir: str | None = None, params=None,
+                 graphdef=None) -> tasks.TaskBuilder:
+  """The one place a task builder is made from a config: training, evaluation and prediction.
+
+  Fits `cfg.model.lm` to the dataset (as `fit_model_to_dataset`). With `data.item_ids = 'semantic'` the
+  items' codes are WORKDIR's saved ones, or are computed (from `data.semantic.embeddings`, or from the
+  model `params`/`graphdef` the run starts from) and saved there; see unimp_jax.data.semantic_ids.
+  """
+  fit_model_to_dataset(cfg, dataset)
+  tokenizer, codes = dataset.tokenizer(), None
+  if cfg.data.item_ids == 'semantic':
+    tokenizer = tokenizer_lib.with_semantic_tokens(tokenizer, semantic_ids.codebook_sizes(cfg.data.semantic))
+    codes = semantic_ids.for_run(cfg, dataset, tokenizer, workdir, params, graphdef).codes
+  return tasks.TaskBuilder(dataset, tokenizer, seq_len=cfg.data.seq_len, num_images=cfg.data.num_images,
+                           history=cfg.data.history, item_codes=codes, item_content=cfg.data.item_content)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:

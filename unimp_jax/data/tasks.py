@@ -8,6 +8,18 @@ then an instruction, `<answer>`, and the answer (training) or nothing (evaluatio
 their own answer spans in training *and* evaluation ("context reconstruction"): the history items'
 ids are part of the input, so train and eval prompts are the same text up to the final answer.
 
+An item is written as its id tokens wherever an id is asked for (`item_tokens`: one atomic `item_i`, or
+the semantic code tokens of unimp_jax.data.semantic_ids). What an item chunk shows of the item is
+`item_content`:
+
+    image+text   <image> {text} [<answer> ...] <|endofchunk|>       (the paper's UniMP)
+    text         {text} [<answer> ...] <|endofchunk|>               no pictures: the model runs without images
+    ids          {id tokens} [<answer> ...] <|endofchunk|>          neither picture nor text
+
+With `ids`, a recommendation/search history chunk is just `<answer> {id tokens} <|endofchunk|>`: the id
+is both the item and its answer, so the history is the id sequence and every step of it is supervised
+as a next-item prediction (writing the id twice would make its answer span a copy).
+
 Text is tokenized once per item and once per instruction template; a prompt is assembled from token-id
 pieces, and UniMP's added tokens are placed by id, never parsed out of strings. The loss mask is computed
 with array operations over the assembled sequence (`answer_mask`).
@@ -33,6 +45,7 @@ INSTRUCTIONS = {
 }
 FIELD_WORDS = {'category': 4, 'price': 1, 'brand': 4, 'title': 12}
 EXPLANATION_TOKENS = 32
+ITEM_CONTENTS = ('image+text', 'text', 'ids')
 IGNORE = -1  # an empty image slot
 
 
@@ -82,14 +95,28 @@ class TaskBuilder:
   """Builds examples for one dataset and tokenizer, at fixed `seq_len` and `num_images`."""
 
   def __init__(self, dataset: formats.UnifiedDataset, tokenizer, *, seq_len: int, num_images: int,
-               history: int, image_codes: np.ndarray | None = None):
+               history: int, image_codes: np.ndarray | None = None, item_codes: np.ndarray | None = None,
+               item_content: str = 'image+text'):
+    """`item_codes` [num_items, levels]: semantic ids (the tokenizer must carry their tokens, see
+    `tokenizer.with_semantic_tokens`); None: atomic `item_i` tokens."""
+    if item_content not in ITEM_CONTENTS:
+      raise ValueError(f'config.data.item_content={item_content!r} is not one of {ITEM_CONTENTS}')
     self.dataset, self.tokenizer = dataset, tokenizer
     self.ids = TokenIds(tokenizer.unimp_layout)
     self.seq_len, self.num_images, self.history = seq_len, num_images, history
     self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    self.image_codes = image_codes
-    self._item_text = [self._encode(self.item_line(it)) for it in dataset.items]
-    self._has_image = np.asarray([it.has_image for it in dataset.items])
+    self.image_codes, self.item_codes, self.item_content = image_codes, item_codes, item_content
+    num_items = self.ids.num_items  # the catalogue; a prediction's new items (ids after it) have no id
+    if item_codes is None:
+      self.item_tokens = np.asarray(self.ids.item(np.arange(num_items)), np.int32)[:, None]
+    elif len(item_codes) != num_items:
+      raise ValueError(f'{len(item_codes)} semantic ids for the {num_items} items of {dataset.path}')
+    else:
+      self.item_tokens = self.ids.semantic(item_codes)
+    self.uses_images = item_content == 'image+text'  # False: batches carry no pictures, the model none
+    self._has_image = np.asarray([it.has_image and self.uses_images for it in dataset.items], bool)
+    self._item_body = ([self._encode(self.item_line(it)) for it in dataset.items] if item_content != 'ids'
+                       else list(self.item_tokens))
     self._cache: dict[str, np.ndarray] = {}  # fixed strings only: instructions and headers
 
   def _encode(self, text: str) -> np.ndarray:
@@ -106,11 +133,12 @@ class TaskBuilder:
       self._cache[text] = self._encode(text)
     return self._cache[text]
 
-  def _chunk(self, item: int, answer: Sequence[int] = (), prefix: Sequence[int] = ()):
+  def _chunk(self, item: int, answer: Sequence[int] = (), prefix: Sequence[int] = (), show_item: bool = True):
     """(token ids, image item or None) of one item chunk, with an optional answer span."""
     image = [self.ids.image] if self._has_image[item] else []
     answer_part = [self.ids.answer, *answer] if answer else []
-    tokens = np.concatenate([np.asarray(image + list(prefix), np.int32), self._item_text[item],
+    body = self._item_body[item] if show_item else np.zeros(0, np.int32)
+    tokens = np.concatenate([np.asarray(image + list(prefix), np.int32), body,
                              np.asarray(answer_part + [self.ids.end_of_chunk], np.int32)])
     return tokens, (item if self._has_image[item] else None)
 
@@ -121,19 +149,24 @@ class TaskBuilder:
     """Tokens reserved for the final answer and end-of-sequence, whatever the actual answer, so that
     the history kept (and hence the prompt) is the same with and without the answer."""
     codes = 0 if self.image_codes is None else self.image_codes.shape[1]
-    return 1 + {'recommendation': 1, 'search': 1, 'selection': self.ids.num_slots, 'generation': codes,
+    item = self.item_tokens.shape[1]
+    return 1 + {'recommendation': item, 'search': item, 'selection': self.ids.num_slots, 'generation': codes,
                 'preference': 1 + EXPLANATION_TOKENS}[task]
 
   def _history_chunks(self, interactions, task: str):
     chunks = []
+    answers_id = task not in ('preference', 'generation')
     for inter in interactions:
+      # An answer the history does not know (a prediction's unrated item, a new item without an id) is
+      # left out: the chunk still shows the item.
       if task == 'preference':
-        answer = [self.ids.rating(inter.rating), *self._explanation(inter.explanation)]
+        answer = [] if inter.rating is None else [self.ids.rating(inter.rating), *self._explanation(inter.explanation)]
       elif task == 'generation':
         answer = list(self.ids.image_code(self.image_codes[inter.item]))
       else:
-        answer = [self.ids.item(inter.item)]
-      chunks.append(self._chunk(inter.item, answer))
+        answer = list(self.item_tokens[inter.item]) if inter.item < len(self.item_tokens) else []
+      # With `ids` content an id-answering chunk writes the id once, as its answer.
+      chunks.append(self._chunk(inter.item, answer, show_item=not (answers_id and self.item_content == 'ids')))
     return chunks
 
   def available(self, task: str, user: formats.User) -> bool:
@@ -190,6 +223,8 @@ class TaskBuilder:
     """Chunks after the history, the answer token ids, and the evaluation target."""
     goal = np.full(4, -1, np.int32)
     if task == 'preference':
+      if inter.rating is None:  # a prediction: the rating is what is asked
+        return [self._chunk(inter.item)], [], goal
       goal[1] = inter.rating
       return [self._chunk(inter.item)], [self.ids.rating(inter.rating), *self._explanation(inter.explanation)], goal
     if task == 'selection':
@@ -204,7 +239,7 @@ class TaskBuilder:
     goal[0] = inter.item
     if task == 'generation':
       return [], list(self.ids.image_code(self.image_codes[inter.item])), goal
-    return [], [self.ids.item(inter.item)], goal
+    return [], list(self.item_tokens[inter.item]), goal
 
   def _selection_from(self, inter: formats.Interaction, rng: np.random.Generator) -> formats.Selection:
     """For data without selection questions: the true next item among two random others."""

@@ -4,8 +4,12 @@ The added tokens come after the base vocabulary, always in this order, so that `
 added id (= the base vocabulary size, the model's `image_token_id`):
 
     <image> <|endofchunk|> <answer>  rate_1..rate_5  s_0..s_{K-1}  item_0..item_{N-1}  img_0..img_{C-1}
+      [sid_0_0..sid_0_{K0-1}  sid_1_0..  ...]
 
-Item and image-code counts come from the data, never from a constant. The base vocabulary is either a
+Item and image-code counts come from the data, never from a constant. The semantic item-id tokens
+`sid_{level}_{code}` (unimp_jax.data.semantic_ids) are added by a run that uses them, after the dataset's
+own tokens; their count is a function of the config alone (`data.semantic`), so the model's vocabulary
+is sized before any item embedding exists. The base vocabulary is either a
 byte-level BPE trained on the dataset's own text (the embedded default) or a tokenizer loaded from a
 local Hugging Face directory (never from a hub).
 """
@@ -16,6 +20,7 @@ import json
 import os
 from collections.abc import Iterable
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -62,6 +67,24 @@ def with_unimp_tokens(base: PreTrainedTokenizerFast, *, num_items: int, num_slot
   return base
 
 
+def semantic_tokens(codebook_sizes) -> list[str]:
+  return [f'sid_{level}_{code}' for level, size in enumerate(codebook_sizes) for code in range(size)]
+
+
+def with_semantic_tokens(tokenizer: PreTrainedTokenizerFast, codebook_sizes) -> PreTrainedTokenizerFast:
+  """Adds `sid_{level}_{code}` for every level's codebook after the existing added tokens (in place)."""
+  if tokenizer.unimp_layout.get('semantic_codebooks'):
+    raise ValueError('the tokenizer already has semantic item-id tokens')
+  end = len(tokenizer)
+  expected_end = TokenIds(tokenizer.unimp_layout).added_range[1]
+  names = semantic_tokens(codebook_sizes)
+  tokenizer.add_tokens(names, special_tokens=False)
+  if end != expected_end or tokenizer.convert_tokens_to_ids(names[0]) != end or len(tokenizer) != end + len(names):
+    raise ValueError(f'semantic id tokens did not land after the added tokens ({expected_end}): some already exist')
+  tokenizer.unimp_layout = dict(tokenizer.unimp_layout, semantic_codebooks=[int(k) for k in codebook_sizes])
+  return tokenizer
+
+
 def save(tokenizer: PreTrainedTokenizerFast, path: str) -> None:
   tokenizer.save_pretrained(path)
   with open(os.path.join(path, LAYOUT_FILE), 'w') as f:
@@ -82,12 +105,15 @@ class TokenIds:
     self.base_vocab_size = layout['base_vocab_size']
     self.num_items, self.num_slots = layout['num_items'], layout['num_slots']
     self.num_image_codes = layout['num_image_codes']
+    self.semantic_codebooks = tuple(layout.get('semantic_codebooks', ()))  # per level; () = atomic ids only
     self.image, self.end_of_chunk, self.answer = (self.base_vocab_size + i for i in range(3))
     self._rating0 = self.base_vocab_size + len(SPECIAL)
     self._slot0 = self._rating0 + 5
     self._item0 = self._slot0 + self.num_slots
     self._code0 = self._item0 + self.num_items
-    self.added_vocab_size = self._code0 + self.num_image_codes - self.base_vocab_size
+    self._semantic0 = self._code0 + self.num_image_codes
+    self._level0 = self._semantic0 + np.concatenate([[0], np.cumsum(self.semantic_codebooks, dtype=np.int64)])
+    self.added_vocab_size = int(self._level0[-1]) - self.base_vocab_size
 
   def rating(self, r: int) -> int:
     if not 1 <= r <= 5:
@@ -103,6 +129,24 @@ class TokenIds:
   def image_code(self, c):
     return self._code0 + c
 
+  def semantic(self, codes) -> np.ndarray:
+    """int32 token ids of semantic codes [..., levels] (level l's code c is `sid_l_c`)."""
+    codes = np.asarray(codes)
+    levels = len(self.semantic_codebooks)
+    if codes.shape[-1:] != (levels,):
+      raise ValueError(f'semantic codes of shape {codes.shape} do not have the layout\'s {levels} levels')
+    if (codes < 0).any() or (codes >= np.asarray(self.semantic_codebooks, np.int64)).any():
+      raise ValueError(f'semantic codes outside the codebooks {self.semantic_codebooks}')
+    return (self._level0[:-1] + codes).astype(np.int32)
+
   @property
   def item_range(self) -> tuple[int, int]:
     return self._item0, self._item0 + self.num_items
+
+  def semantic_range(self, level: int) -> tuple[int, int]:
+    """Token ids [first, last) of one level's codebook."""
+    return int(self._level0[level]), int(self._level0[level + 1])
+
+  @property
+  def added_range(self) -> tuple[int, int]:
+    return self.base_vocab_size, self.base_vocab_size + self.added_vocab_size

@@ -174,6 +174,17 @@ class Checkpointer:
     self._manager.reload()
 
 
+def read_config(directory: str, step: int | None = None) -> dict:
+  """The config saved with `step` (default: the newest) of a Checkpointer directory, read-only."""
+  directory = os.path.abspath(directory)
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {directory}')
+    return dict(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
+
+
 def restore_params(directory: str, abstract_params, *, step: int | None = None):
   """Only `state['params']` of a Checkpointer directory, onto `abstract_params`' shardings.
 

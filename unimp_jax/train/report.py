@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -75,7 +75,7 @@ def _format(value) -> str:
   return str(value).replace('|', '\\|')
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(_format(v) for v in row) + ' |' for row in rows]
   return '\n'.join(lines)
@@ -88,16 +88,17 @@ def metrics_table(metrics: Mapping[str, float]) -> str:
     names = list(dict.fromkeys(m['name'] for m in matches))
     ks = sorted({int(m['k']) for m in matches})
     rows = [[name] + [metrics.get(f'{name}@{k}', '') for k in ks] for name in names]
-    return _table(['metric'] + [f'@{k}' for k in ks], rows)
-  return _table(['metric', 'value'], [[k, v] for k, v in metrics.items()])
+    return table(['metric'] + [f'@{k}' for k in ks], rows)
+  return table(['metric', 'value'], [[k, v] for k, v in metrics.items()])
 
 
 def write_report(workdir: str, *, title: str, summary: Mapping[str, object],
-                 eval_tables: Mapping[str, Mapping[str, float]]) -> str:
+                 eval_tables: Mapping[str, Mapping[str, float]], extra_sections: Sequence[str] = ()) -> str:
   """Writes `workdir/report.md` (and `workdir/loss.png` when losses were logged); returns the .md path."""
-  sections = [f'# {title}', '## Summary', _table(['setting', 'value'], [[k, v] for k, v in summary.items()])]
-  for name, table in eval_tables.items():
-    sections += [f'## {name}', metrics_table(table)]
+  sections = [f'# {title}', '## Summary', table(['setting', 'value'], [[k, v] for k, v in summary.items()])]
+  for name, values in eval_tables.items():
+    sections += [f'## {name}', metrics_table(values)]
+  sections += list(extra_sections)
 
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   series = loss_series(read_metrics(metrics_path)) if os.path.exists(metrics_path) else {}
@@ -105,7 +106,7 @@ def write_report(workdir: str, *, title: str, summary: Mapping[str, object],
   if series:
     plot_losses(series, os.path.join(workdir, 'loss.png'))
     last = [[name, steps[-1], values[-1]] for name, (steps, values) in series.items() if steps]
-    sections += ['![training loss](loss.png)', _table(['series', 'last step', 'last value'], last)]
+    sections += ['![training loss](loss.png)', table(['series', 'last step', 'last value'], last)]
   else:
     sections.append(f'No `{TOTAL_LOSS}` or `{TASK_LOSS_PREFIX}<task>` values in {metrics_path}.')
 

@@ -22,6 +22,12 @@ from unimp_jax.train import loss as loss_lib
 BATCH_KEYS = ('tokens', 'answer_mask', 'images', 'weight', 'task')
 
 
+def step_inputs(batch: dict) -> dict:
+  """The batch arrays the step reads. Text-only and id-only runs (`data.item_content`) have no
+  'images': the step then runs the model without images, skipping the vision tower and cross-attention."""
+  return {k: batch[k] for k in BATCH_KEYS if k in batch}
+
+
 def init_state(params, tx: optax.GradientTransformation) -> dict:
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
@@ -49,14 +55,15 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
 
   def objective(params, micro):
     tokens = micro['tokens']
-    logits = nnx.merge(graphdef, params)(tokens, vision.normalize(micro['images']), tokens != pad_id)
+    images = vision.normalize(micro['images']) if 'images' in micro else None
+    logits = nnx.merge(graphdef, params)(tokens, images, tokens != pad_id)
     out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
                                 num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss)
     return out['objective'], out
 
   def gradients(params, batch):
     m = train_cfg.microbatches
-    micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), {k: batch[k] for k in BATCH_KEYS})
+    micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), step_inputs(batch))
 
     def accumulate(carry, mb):
       (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params, mb)

@@ -50,13 +50,10 @@ def say(message: str) -> None:
 
 
 def train(cfg, workdir: str) -> Run:
-  # ---- data ------------------------------------------------------------------------------------------
+  # ---- data: the vocabulary is fitted from the dataset and config alone, before the model exists -------
   dataset = pipeline.open_dataset(cfg)
   pipeline.fit_model_to_dataset(cfg, dataset)
   mesh_shape = config_lib.validate(cfg, jax.device_count())
-  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=cfg.data.seq_len,
-                              num_images=cfg.data.num_images, history=cfg.data.history)
-  batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
 
   # ---- set up the mesh, model and optimizer ------------------------------------------------------------
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -65,11 +62,15 @@ def train(cfg, workdir: str) -> Run:
   tx = optim.make_optimizer(cfg.train, nnx.to_pure_dict(abstract_params))
   shardings, abstract_state = step_lib.state_shardings(abstract_params, tx, mesh, cfg.mesh.rules)
 
-  # ---- restore, or initialise directly sharded ----------------------------------------------------------
+  # ---- restore, or initialise directly sharded -----------------------------------------------------------
+  # The task builder comes between: semantic item ids are computed from the parameters a fresh run starts
+  # from (and saved in the workdir), while a resumed run reloads its saved ids before its data position.
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
       async_save=cfg.checkpoint.async_save)
   if checkpointer.latest_step() is not None:
+    builder = pipeline.make_builder(cfg, dataset, workdir)
+    batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
     state, start = checkpointer.restore(abstract_state, data_iterator=batches)
     say(f'resumed from step {start} ({checkpointer.directory})')
   else:
@@ -78,20 +79,23 @@ def train(cfg, workdir: str) -> Run:
       say(f'initialised parameters from {cfg.checkpoint.init_params_from}')
     else:
       params = nnx.to_pure_dict(nnx.state(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)))
+    builder = pipeline.make_builder(cfg, dataset, workdir, params=params, graphdef=graphdef)
+    batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)
     start = 0
 
   # ---- compile the step once; show its memory before step 0 ----------------------------------------------
   first = next(batches)
-  batch_spec = {k: first[k].ndim for k in step_lib.BATCH_KEYS}
+  batch_spec = {k: v.ndim for k, v in step_lib.step_inputs(first).items()}
   train_step = step_lib.make_train_step(
       graphdef, tx, cfg.train, pad_id=builder.pad, shardings=shardings,
       batch_sharding=step_lib.batch_shardings(mesh, cfg.mesh.rules, batch_spec))
   with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
-    global_first = pipeline.global_batch({k: first[k] for k in step_lib.BATCH_KEYS}, mesh, cfg.mesh.rules)
+    global_first = pipeline.global_batch(step_lib.step_inputs(first), mesh, cfg.mesh.rules)
     compiled = train_step.lower(state, global_first).compile()
   say(f'compiled train step memory: {compiled.memory_analysis()}')
-  flops_per_step = metrics_lib.flops_per_example(cfg.model, cfg.data.seq_len, cfg.data.num_images)['total'] \
+  images_per_example = cfg.data.num_images if builder.uses_images else 0
+  flops_per_step = metrics_lib.flops_per_example(cfg.model, cfg.data.seq_len, images_per_example)['total'] \
       * cfg.data.batch_size
   learning_rate = optim.schedule(cfg.train)
 
@@ -108,7 +112,7 @@ def train(cfg, workdir: str) -> Run:
     with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
       while step < cfg.train.steps and not stop['signal']:
         begin = time.perf_counter()
-        batch = pipeline.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh, cfg.mesh.rules)
+        batch = pipeline.global_batch(step_lib.step_inputs(local), mesh, cfg.mesh.rules)
         state, metrics = compiled(state, batch)
         metrics = jax.device_get(metrics)
         seconds = time.perf_counter() - begin

@@ -1,0 +1,49 @@
+"""The main job and the prediction command end to end, as a user runs them (separate processes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from unimp_jax.data import formats, synthetic
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def _run(*args):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device: fastest to compile
+  proc = subprocess.run([sys.executable, '-m', *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  return proc.stdout
+
+
+def test_main_job_reports_every_task_and_predict_answers(tmp_path):
+  data = str(tmp_path / 'fashion')
+  synthetic.build(data, num_items=80, num_users=50, seed=3, image_size=32, bpe_vocab=600)
+  workdir = str(tmp_path / 'run')
+  _run('unimp_jax.main', '--config', 'configs/tiny.py', '--workdir', workdir, f'--config.data.path={data}',
+       '--config.train.steps=4', '--config.checkpoint.every=2')
+  with open(os.path.join(workdir, 'report.md')) as f:
+    text = f.read()
+  for section in ('## recommendation', '## search', '## preference', '## selection', 'gallery.png', 'HR', 'RMSE',
+                  'BLEU-4', 'ROUGE-L', 'F1'):
+    assert section in text, section
+  assert Image.open(os.path.join(workdir, 'gallery.png')).size[0] > 200
+
+  picture = str(tmp_path / 'new.png')
+  Image.fromarray(np.full((40, 40, 3), (220, 40, 40), np.uint8)).save(picture)
+  out = json.loads(_run('unimp_jax.predict', '--workdir', workdir, '--history', '3,17,29', '--top_k', '5',
+                        '--new_item', f'{picture}|Red linen shirt|shirt|Acorn|19.99', '--rate', '44',
+                        '--select', '5,6,7', '--gallery', str(tmp_path / 'mine.png')))
+  items = [i for i, _ in out['recommended']]
+  probabilities = [p for _, p in out['recommended']]
+  assert len(items) == 5 and not {3, 17, 29} & set(items) and all(0 <= i < 80 for i in items)
+  assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1
+  assert out['rating']['rating'] in range(1, 6) and abs(sum(out['rating']['probabilities']) - 1) < 1e-5
+  assert 1 <= out['rating']['expected_rating'] <= 5 and isinstance(out['rating']['explanation'], str)
+  assert set(out['selected']) <= {5, 6, 7}
+  assert os.path.exists(tmp_path / 'mine.png') and os.path.exists(tmp_path / 'mine.html')
+  assert formats.UnifiedDataset(data).num_users == 50  # the dataset is read, never rewritten

@@ -1,0 +1,161 @@
+"""UniMP against its baselines on the same users, splits and metrics: a Markdown report and PNG plots.
+
+  python -m unimp_jax.benchmark --dataset fashion --workdir workdir/bench-fashion
+  python -m unimp_jax.benchmark --dataset movielens --workdir workdir/bench-ml100k [--cache ~/.cache/unimp_jax]
+
+`fashion` is the embedded dataset (built if missing; its oracle and colour-blind ceilings are reported
+next to the models). `movielens` is real MovieLens-100K, taken from the RecBole 1.2.1 wheel with
+`pip download --no-deps` into `--cache` (never imported, never committed): text-only items, so UniMP
+runs without pictures there, on recommendation and rating.
+
+Every UniMP variant is trained with the main job's trainer in WORKDIR/<variant> (rerunning resumes or
+reuses the finished checkpoints) and scored by unimp_jax.eval.evaluate; the baselines by
+unimp_jax.baselines. Evaluation throughput (users/s) of full-catalogue ranking and of the paper's
+10-beam generation is measured on the same model and users, one after the other, after compiling.
+Writes WORKDIR/BENCHMARK.md, WORKDIR/hr10.png and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import jax
+import matplotlib
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from unimp_jax import baselines
+from unimp_jax.data import movielens, pipeline
+from unimp_jax.eval import evaluate, ranking
+from unimp_jax.train import report, trainer
+
+matplotlib.use('Agg')
+from matplotlib import pyplot as plt  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/benchmark.py', 'Preset file[:arg].', lock_config=True)
+_DATASET = flags.DEFINE_enum('dataset', 'fashion', ['fashion', 'movielens'], 'Which benchmark.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, the report and plots go.', required=True)
+_CACHE = flags.DEFINE_string('cache', os.path.expanduser('~/.cache/unimp_jax'), 'Download cache (MovieLens).')
+
+# name -> config.data.item_content. MovieLens items have no pictures, so "UniMP" is its text model.
+VARIANTS = {'fashion': {'UniMP': 'image+text', 'UniMP text only': 'text', 'UniMP IDs only': 'ids'},
+            'movielens': {'UniMP': 'text', 'UniMP IDs only': 'ids'}}
+TASKS = {'fashion': ('recommendation', 'search', 'preference', 'selection'),
+         'movielens': ('recommendation', 'preference')}
+HEADLINE = ('HR@1', 'HR@5', 'HR@10', 'HR@20', 'NDCG@10', 'MRR@10')
+
+
+def _slug(name: str) -> str:
+  return name.lower().replace(' ', '-')
+
+
+def users_per_second(run, cfg, method: str) -> float:
+  """Recommendation users/s of one ranking method over the test users, after a compiling warm-up."""
+  users = pipeline.split_users(run.builder.dataset, cfg.data.split, 'test')
+  kw = dict(split=cfg.data.split, stage='test', batch_size=cfg.data.batch_size, ranking_method=method)
+  params = run.state['params']
+  evaluate.task_rows(run.graphdef, params, run.builder, 'recommendation', users[:cfg.data.batch_size], **kw)
+  start = time.perf_counter()
+  evaluate.task_rows(run.graphdef, params, run.builder, 'recommendation', users, **kw)
+  return len(users) / (time.perf_counter() - start)
+
+
+def plot(path: str, results: dict[str, dict], ceilings: dict[str, float]) -> None:
+  names = [n for n in results if 'recommendation' in results[n]]
+  hr = [results[n]['recommendation']['HR@10'] for n in names]
+  ndcg = [results[n]['recommendation']['NDCG@10'] for n in names]
+  fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.6))
+  x = np.arange(len(names))
+  ax.bar(x - 0.2, hr, 0.4, label='HR@10')
+  ax.bar(x + 0.2, ndcg, 0.4, label='NDCG@10')
+  for label, value in ceilings.items():
+    ax.axhline(value, linestyle='--', color='grey', linewidth=1)
+    ax.text(len(names) - 0.5, value, label, ha='right', va='bottom', fontsize=8)
+  ax.set_xticks(x, names, rotation=20, ha='right', fontsize=8)
+  ax.set_ylabel('recommendation, test users')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, format='png', dpi=120)
+  plt.close(fig)
+
+
+def markdown(dataset_name: str, cfg, results: dict[str, dict], ceilings: dict[str, float],
+             speed: dict[str, float], command: str) -> str:
+  sections = [f'# Benchmark: {dataset_name}', f'Produced by `{command}`.',
+              f'UniMP preset: {cfg.train.steps} steps, batch {cfg.data.batch_size}, seq_len {cfg.data.seq_len}, '
+              f'split `{cfg.data.split}`, test users. The baselines see item IDs only (no queries, pictures '
+              f'or text), so they are scored on recommendation.']
+  for task in ('recommendation', 'search', 'preference', 'selection'):
+    scored = [(n, r[task]) for n, r in results.items() if task in r]
+    if not scored:
+      continue
+    keys = HEADLINE if task in ('recommendation', 'search') else [k for k in scored[0][1] if k != 'users']
+    rows = [[n, m['users'], *[m.get(k, float('nan')) for k in keys]] for n, m in scored]
+    if task == 'recommendation':
+      rows += [[f'*{label}*', '', *[value if k == 'HR@10' else '' for k in keys]] for label, value in ceilings.items()]
+    sections += [f'## {task}', report.table(['method', 'users', *keys], rows)]
+  if speed:
+    sections += ['## Evaluation throughput (UniMP, recommendation, same users, one process)', report.table(
+        ['method', 'users/s'], [['full-catalogue ranking (one forward pass)', speed['full']],
+                                ['paper protocol (10-beam generation)', speed['paper']],
+                                ['ratio full / 10-beam', speed['full'] / speed['paper']]])]
+  sections.append('![HR@10 and NDCG@10](hr10.png)')
+  return '\n\n'.join(sections) + '\n'
+
+
+def _write(path: str, text: str) -> None:
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  base, workdir, name = _CONFIG.value, _WORKDIR.value, _DATASET.value
+  os.makedirs(workdir, exist_ok=True)
+  if name == 'movielens':
+    base.data.path = movielens.prepare(_CACHE.value, os.path.join(_CACHE.value, 'ml-100k-unified'),
+                                       seed=base.seed, image_size=base.model.vision.image_size)
+    base.data.tasks.update(search=0.0, selection=0.0)
+  results, speed, runs = {}, {}, {}
+  for variant, content in VARIANTS[name].items():
+    cfg = copy.deepcopy(base)
+    cfg.data.item_content = content
+    trainer.say(f'==== {variant} ({content}) ====')
+    run = trainer.train(cfg, os.path.join(workdir, _slug(variant)))
+    runs[variant] = run
+    results[variant] = evaluate.evaluate(run.graphdef, run.state['params'], run.builder, split=cfg.data.split,
+                                         batch_size=cfg.data.batch_size, tasks_to_run=TASKS[name])
+  unimp = runs['UniMP']
+  for method in ('beam', 'paper'):
+    results[f'UniMP ({method} ranking)'] = evaluate.evaluate(
+        unimp.graphdef, unimp.state['params'], unimp.builder, split=base.data.split, batch_size=base.data.batch_size,
+        tasks_to_run=('recommendation',), ranking_method=method)
+  speed = {m: users_per_second(unimp, base, m) for m in ('full', 'paper')}
+  dataset = unimp.builder.dataset
+  for baseline in baselines.NAMES:
+    trainer.say(f'==== {baseline} ====')
+    ranks = baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed)
+    results[baseline] = {'recommendation': {'users': len(ranks), **ranking.ranking_metrics(ranks)}}
+  extra = dataset.manifest['extra']
+  ceilings = {}
+  if 'oracle_hr@10' in extra:
+    ceilings = {'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
+                'colour-blind HR@10 (text-only ceiling)': extra['colour_blind_hr@10']}
+  plot(os.path.join(workdir, 'hr10.png'), results, ceilings)
+  text = markdown(dataset.manifest['name'], base, results, ceilings, speed,
+                  f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}')
+  if jax.process_index() == 0:
+    _write(os.path.join(workdir, 'BENCHMARK.md'), text)
+    _write(os.path.join(workdir, 'results.json'),
+           json.dumps({'results': results, 'speed': speed, 'ceilings': ceilings}, indent=1))
+    print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)

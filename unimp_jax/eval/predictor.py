@@ -1,0 +1,182 @@
+"""Recommendations, ratings and selections from a trained UniMP, for one user history
+(command line: unimp_jax.predict).
+
+A history is a list of catalogue item ids and/or new items (a picture and text fields). New items are
+shown to the model exactly like catalogue items, except that they carry no ID of their own (the model
+has no token for them); they can be in the history, not among the answers. The same calls are available
+from Python:
+
+  predictor = Predictor.from_workdir('workdir/tiny')  # unimp_jax.eval.predictor
+  predictor.recommend([12, 57, NewItem('photo.png', 'Linen shirt', 'shirt')], k=10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from unimp_jax import config as config_lib
+from unimp_jax.data import formats, images as images_lib, pipeline, tasks
+from unimp_jax.eval import evaluate, generate
+from unimp_jax.model import unimp, vision
+from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.train import checkpoint as checkpoint_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class NewItem:
+  """An item that is not in the catalogue: a picture (path, or '' for none) and its text fields."""
+  image_path: str
+  title: str
+  category: str = ''
+  brand: str = ''
+  price: float | None = None
+
+
+class _CatalogueView:
+  """The dataset's catalogue followed by a history's new items (ids from `num_items` on)."""
+
+  def __init__(self, dataset: formats.UnifiedDataset, new_items: list[NewItem]):
+    self._dataset, self.path, self.image_size = dataset, dataset.path, dataset.image_size
+    self.manifest, self.num_catalogue = dataset.manifest, len(dataset.items)
+    self.items = list(dataset.items) + [
+        formats.Item(source_id=f'new:{i}', title=n.title, brand=n.brand, category=n.category, price=n.price,
+                     has_image=bool(n.image_path)) for i, n in enumerate(new_items)]
+    self._pictures = [self._load(n.image_path) for n in new_items]
+
+  def _load(self, path: str) -> np.ndarray | None:
+    if not path:
+      return None
+    with open(path, 'rb') as f:
+      return images_lib.decode(f.read(), self.image_size, path)
+
+  def images(self, item_ids) -> np.ndarray:
+    item_ids = np.asarray(item_ids, np.int64)
+    out = np.zeros((len(item_ids), self.image_size, self.image_size, 3), np.uint8)
+    old = item_ids < self.num_catalogue
+    if old.any():
+      out[old] = self._dataset.images(item_ids[old])
+    for row in np.flatnonzero(~old):
+      out[row] = self._pictures[item_ids[row] - self.num_catalogue]
+    return out
+
+  def tokenizer(self):
+    return self._dataset.tokenizer()
+
+
+def _merged(cfg, saved: dict, prefix: str = ''):
+  """The saved config over the current defaults (keys added since the run keep their defaults)."""
+  for key, value in saved.items():
+    if key not in cfg:
+      raise ValueError(f'the run\'s config has config.{prefix}{key}, which this version does not know')
+    if isinstance(value, dict):
+      _merged(cfg[key], value, f'{prefix}{key}.')
+    else:
+      cfg[key] = _tuples(value)
+  return cfg
+
+
+def _tuples(value):
+  """JSON lists back to the tuples configs hold (e.g. the sharding rules table)."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+class Predictor:
+  """A trained model, its task builder and compiled functions, ready to answer for any history."""
+
+  def __init__(self, cfg, graphdef, params, dataset: formats.UnifiedDataset, workdir: str):
+    self.cfg, self.graphdef, self.params, self.dataset, self.workdir = cfg, graphdef, params, dataset, workdir
+    self.builder = pipeline.make_builder(cfg, dataset, workdir)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None) -> 'Predictor':
+    """The newest (or `step`) checkpoint of a main-job or benchmark run directory."""
+    directory = os.path.join(workdir, 'checkpoints')
+    cfg = _merged(config_lib.base_config(), checkpoint_lib.read_config(directory, step))
+    dataset = formats.UnifiedDataset(cfg.data.path)
+    pipeline.fit_model_to_dataset(cfg, dataset)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    graphdef, abstract = unimp.abstract_model(cfg.model, cfg.seed)
+    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh, cfg.mesh.rules))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract), shardings)
+    params = checkpoint_lib.restore_params(directory, target, step=step)
+    return cls(cfg, graphdef, params, dataset, workdir)
+
+  # ---- one example from a history ------------------------------------------------------------------
+  def _example(self, task: str, history: list, target: formats.Interaction, selections=()):
+    new = [h for h in history if isinstance(h, NewItem)]
+    view = _CatalogueView(self.dataset, new) if new else self.dataset
+    builder = self.builder
+    if new:
+      if builder.item_content == 'ids':
+        raise ValueError('this model reads item ids only (config.data.item_content=ids): new items cannot be shown')
+      builder = tasks.TaskBuilder(view, builder.tokenizer, seq_len=builder.seq_len, num_images=builder.num_images,
+                                  history=builder.history, item_codes=builder.item_codes,
+                                  item_content=builder.item_content)
+    ids, next_new = [], len(self.dataset.items)
+    for h in history:
+      if isinstance(h, NewItem):
+        ids.append(next_new)
+        next_new += 1
+      else:
+        if not 0 <= int(h) < len(self.dataset.items):
+          raise ValueError(f'history item {h} is not in the catalogue (0..{len(self.dataset.items) - 1})')
+        ids.append(int(h))
+    user = formats.User('predict', tuple(formats.Interaction(item=i) for i in ids) + (target,), tuple(selections))
+    example = builder.build(task, user, len(ids), with_answer=False, rng=np.random.default_rng(0))
+    width = generate.bucket_length(example.prompt_length, builder.seq_len)
+    tokens = example.tokens[None, :width]
+    images = None
+    if builder.uses_images:
+      images = vision.normalize(pipeline.gather_images(view, example.image_items)[None])
+    return builder, example, tokens, images, np.asarray([example.prompt_length], np.int32)
+
+  def _answer_logits(self, tokens, images, lengths) -> np.ndarray:
+    return np.asarray(evaluate.answer_logits(self.graphdef, self.params, tokens, images, lengths,
+                                             pad_id=self.builder.pad))[0]
+
+  def recommend(self, history: list, k: int = 10, query: str = '') -> list[tuple[int, float]]:
+    """The k most likely next items (probabilities over the catalogue), history items excluded; a
+    query turns it into search."""
+    task = 'search' if query else 'recommendation'
+    builder, _, tokens, images, lengths = self._example(task, history, formats.Interaction(item=0, query=query))
+    item_tokens = builder.item_tokens
+    if item_tokens.shape[1] == 1:
+      logits = self._answer_logits(tokens, images, lengths)[item_tokens[:, 0]]
+      seen = [h for h in history if not isinstance(h, NewItem)]
+      logits[seen] = -np.inf
+      probs = np.exp(logits - logits.max())
+      probs /= probs.sum()
+      top = np.argsort(-probs)[:k]
+      return [(int(i), float(probs[i])) for i in top]
+    banned = np.zeros((1, len(item_tokens)), bool)
+    banned[0, [h for h in history if not isinstance(h, NewItem)]] = True
+    trie = generate.ItemTrie.build(item_tokens)
+    out, scores = generate.beam_search(self.graphdef, self.params, tokens, images, lengths, banned, num_beams=k,
+                                       max_new=item_tokens.shape[1], pad_id=builder.pad, eos_id=builder.eos, trie=trie)
+    items = trie.items(np.asarray(out)[0])
+    return [(int(i), float(np.exp(s))) for i, s in zip(items, np.asarray(scores)[0]) if i >= 0]
+
+  def rate(self, history: list, item: int) -> dict:
+    """Rating probabilities for `item`, the argmax and expected rating, and the explanation generated
+    after the argmax rating."""
+    builder, _, tokens, images, lengths = self._example('preference', history, formats.Interaction(item=int(item)))
+    probs, text = evaluate.rating_and_explanation(self.graphdef, self.params, builder, tokens, images, lengths)
+    probs = probs[0]
+    return {'rating': int(probs.argmax()) + 1, 'expected_rating': float(np.dot(probs, np.arange(1, 6))),
+            'probabilities': probs.tolist(), 'explanation': evaluate.decode_text(builder, text[0])}
+
+  def select(self, history: list, candidates: list[int]) -> list[int]:
+    """The candidates (catalogue item ids) the model picks for this user."""
+    if len(candidates) != self.builder.ids.num_slots:
+      raise ValueError(f'selection takes exactly {self.builder.ids.num_slots} candidates, got {len(candidates)}')
+    question = formats.Selection(tuple(int(c) for c in candidates), (int(candidates[0]),))
+    builder, _, tokens, images, lengths = self._example('selection', history, formats.Interaction(item=0),
+                                                        selections=(question,))
+    mask = int(evaluate.chosen_slots(self.graphdef, self.params, builder, tokens, images, lengths)[0])
+    return [c for s, c in enumerate(candidates) if mask >> s & 1]
