@@ -67,7 +67,7 @@ def main(argv):
              'users': builder.dataset.num_users, 'parameters': sum(x.size for x in jax.tree.leaves(params))}
   if 'oracle_hr@10' in extra:
     summary.update({'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
-                    'colour-blind HR@10 (text-only ceiling)': extra['colour_blind_hr@10']})
+                    'colour-blind oracle HR@10 (true tastes without colour)': extra['colour_blind_hr@10']})
   path = report.write_report(workdir, title=f'UniMP on {builder.dataset.manifest["name"]}', summary=summary,
                              eval_tables=tables, extra_sections=[
                                  '## Gallery (test users: history, then top-8 recommendations; target outlined)',

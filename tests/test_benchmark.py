@@ -1,0 +1,29 @@
+"""The benchmark report: every method and task in the tables, ceilings and throughput ratio, the plot."""
+
+import os
+
+from PIL import Image
+
+from unimp_jax import benchmark, config as config_lib
+from unimp_jax.eval import ranking
+
+
+def _ranked(hr10):
+  return {'users': 200, **{k: hr10 for k in ranking.ranking_metrics([0]).keys()}}
+
+
+def test_markdown_and_plot(tmp_path):
+  results = {'UniMP': {'recommendation': _ranked(0.3), 'search': _ranked(0.2),
+                       'preference': {'users': 200, 'RMSE (argmax)': 1.1, 'BLEU-4': 3.0},
+                       'selection': {'users': 200, 'F1': 0.5}},
+             'UniMP text only': {'recommendation': _ranked(0.1)},
+             'popularity': {'recommendation': _ranked(0.02)}}
+  ceilings = {'oracle HR@10': 0.44}
+  text = benchmark.markdown('fashion', config_lib.base_config(), results, ceilings, {'model': 'UniMP atomic ids', 'full': 50.0, 'paper': 5.0},
+                            'python -m unimp_jax.benchmark --dataset fashion --workdir W')
+  for needle in ('## recommendation', '## search', '## preference', '## selection', '| UniMP text only |',
+                 '| popularity |', '*oracle HR@10*', '| 10.0000 |', 'BLEU-4', 'hr10.png'):
+    assert needle in text, needle
+  path = str(tmp_path / 'hr10.png')
+  benchmark.plot(path, results, ceilings)
+  assert Image.open(path).size[0] > 300 and os.path.getsize(path) > 5000
