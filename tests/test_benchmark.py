@@ -4,8 +4,9 @@ import os
 
 from PIL import Image
 
-from unimp_jax import benchmark, config as config_lib
+from unimp_jax import config as config_lib
 from unimp_jax.eval import ranking
+from unimp_jax.train import report
 
 
 def _ranked(hr10):
@@ -19,11 +20,12 @@ def test_markdown_and_plot(tmp_path):
              'UniMP text only': {'recommendation': _ranked(0.1)},
              'popularity': {'recommendation': _ranked(0.02)}}
   ceilings = {'oracle HR@10': 0.44}
-  text = benchmark.markdown('fashion', config_lib.base_config(), results, ceilings, {'model': 'UniMP atomic ids', 'full': 50.0, 'paper': 5.0},
-                            'python -m unimp_jax.benchmark --dataset fashion --workdir W')
+  text = report.benchmark_markdown('fashion', config_lib.base_config(), results, ceilings,
+                                   {'model': 'UniMP atomic ids', 'full': 50.0, 'paper': 5.0},
+                                   'python -m unimp_jax.benchmark --dataset fashion --workdir W')
   for needle in ('## recommendation', '## search', '## preference', '## selection', '| UniMP text only |',
                  '| popularity |', '*oracle HR@10*', '| 10.0000 |', 'BLEU-4', 'hr10.png'):
     assert needle in text, needle
   path = str(tmp_path / 'hr10.png')
-  benchmark.plot(path, results, ceilings)
+  report.plot_benchmark(path, results, ceilings)
   assert Image.open(path).size[0] > 300 and os.path.getsize(path) > 5000

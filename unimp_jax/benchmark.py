@@ -23,8 +23,6 @@ import os
 import time
 
 import jax
-import matplotlib
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,9 +30,6 @@ from unimp_jax import baselines
 from unimp_jax.data import movielens, pipeline
 from unimp_jax.eval import evaluate, ranking
 from unimp_jax.train import report, trainer
-
-matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/benchmark.py', 'Preset file[:arg].', lock_config=True)
 _DATASET = flags.DEFINE_enum('dataset', 'fashion', ['fashion', 'movielens'], 'Which benchmark.')
@@ -51,7 +46,6 @@ VARIANTS = {'fashion': {'UniMP': ('image+text', 'semantic'), 'UniMP atomic ids':
 ATOMIC = {'fashion': 'UniMP atomic ids', 'movielens': 'UniMP IDs only'}  # for full-catalogue ranking
 TASKS = {'fashion': ('recommendation', 'search', 'preference', 'selection'),
          'movielens': ('recommendation', 'preference')}
-HEADLINE = ('HR@1', 'HR@5', 'HR@10', 'HR@20', 'NDCG@10', 'MRR@10')
 
 
 def _slug(name: str) -> str:
@@ -67,49 +61,6 @@ def users_per_second(run, cfg, method: str) -> float:
   start = time.perf_counter()
   evaluate.task_rows(run.graphdef, params, run.builder, 'recommendation', users, **kw)
   return len(users) / (time.perf_counter() - start)
-
-
-def plot(path: str, results: dict[str, dict], ceilings: dict[str, float]) -> None:
-  names = [n for n in results if 'recommendation' in results[n]]
-  hr = [results[n]['recommendation']['HR@10'] for n in names]
-  ndcg = [results[n]['recommendation']['NDCG@10'] for n in names]
-  fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.6))
-  x = np.arange(len(names))
-  ax.bar(x - 0.2, hr, 0.4, label='HR@10')
-  ax.bar(x + 0.2, ndcg, 0.4, label='NDCG@10')
-  for label, value in ceilings.items():
-    ax.axhline(value, linestyle='--', color='grey', linewidth=1)
-    ax.text(len(names) - 0.5, value, label, ha='right', va='bottom', fontsize=8)
-  ax.set_xticks(x, names, rotation=20, ha='right', fontsize=8)
-  ax.set_ylabel('recommendation, test users')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, format='png', dpi=120)
-  plt.close(fig)
-
-
-def markdown(dataset_name: str, cfg, results: dict[str, dict], ceilings: dict[str, float],
-             speed: dict[str, float], command: str) -> str:
-  sections = [f'# Benchmark: {dataset_name}', f'Produced by `{command}`.',
-              f'UniMP preset: {cfg.train.steps} steps, batch {cfg.data.batch_size}, seq_len {cfg.data.seq_len}, '
-              f'split `{cfg.data.split}`, test users. The baselines see item IDs only (no queries, pictures '
-              f'or text), so they are scored on recommendation.']
-  for task in ('recommendation', 'search', 'preference', 'selection'):
-    scored = [(n, r[task]) for n, r in results.items() if task in r]
-    if not scored:
-      continue
-    keys = HEADLINE if task in ('recommendation', 'search') else [k for k in scored[0][1] if k != 'users']
-    rows = [[n, m['users'], *[m.get(k, float('nan')) for k in keys]] for n, m in scored]
-    if task == 'recommendation':
-      rows += [[f'*{label}*', '', *[value if k == 'HR@10' else '' for k in keys]] for label, value in ceilings.items()]
-    sections += [f'## {task}', report.table(['method', 'users', *keys], rows)]
-  if speed:
-    sections += [f'## Evaluation throughput ({speed["model"]}, recommendation, same users, one process)', report.table(
-        ['method', 'users/s'], [['full-catalogue ranking (one forward pass)', speed['full']],
-                                ['paper protocol (10-beam generation)', speed['paper']],
-                                ['ratio full / 10-beam', speed['full'] / speed['paper']]])]
-  sections.append('![HR@10 and NDCG@10](hr10.png)')
-  return '\n\n'.join(sections) + '\n'
 
 
 def _write(path: str, text: str) -> None:
@@ -154,8 +105,8 @@ def main(argv):
   if 'oracle_hr@10' in extra:
     ceilings = {'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
                 'colour-blind oracle HR@10 (true tastes without colour)': extra['colour_blind_hr@10']}
-  plot(os.path.join(workdir, 'hr10.png'), results, ceilings)
-  text = markdown(dataset.manifest['name'], base, results, ceilings, speed,
+  report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
+  text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed,
                   f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}')
   if jax.process_index() == 0:
     _write(os.path.join(workdir, 'BENCHMARK.md'), text)

@@ -8,7 +8,7 @@ The protocol is UniMP's (unimp_jax.eval.evaluate, with unimp_jax.eval.ranking):
   evaluated users   pipeline.split_users(dataset, split, stage), in that order
   target            interaction pipeline.target_position(n, split, stage); history = everything before it
   ranking           full catalogue, the user's earlier items removed (ranking.seen_before), 0-based rank of
-                    the target = number of remaining items scored strictly higher (ranking.ranks_from_scores)
+                    the target = number of remaining items scored at least as high (ranking.ranks_from_scores)
 
 Training data (`training_sequences`) is what UniMP's own training examples can see, no more:
   by_user           the full sequences of the train users (`pipeline.split_users(.., 'train')`). Valid and test

@@ -21,7 +21,7 @@ def item_counts(train: list[np.ndarray], num_items: int) -> np.ndarray:
 
 def popularity_scores(train: list[np.ndarray], histories: list[np.ndarray], num_items: int) -> np.ndarray:
   """Every user gets the same scores: the items' interaction counts in the training data. Items never
-  bought in training tie at 0 (the protocol counts only strictly higher items, so ties do not hurt)."""
+  bought in training tie at 0 (the protocol counts ties against the target: no gain from them)."""
   return np.broadcast_to(item_counts(train, num_items), (len(histories), num_items)).copy()
 
 

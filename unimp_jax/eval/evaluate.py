@@ -23,6 +23,7 @@ tokens generated greedily before end-of-sequence.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import jax
 import jax.experimental.multihost_utils
@@ -44,6 +45,16 @@ def answer_logits(graphdef, params, tokens_bt, images, prompt_length_b, *, pad_i
   """Logits [B, V] of the first answer token (one forward pass)."""
   logits = nnx.merge(graphdef, params)(tokens_bt, images, tokens_bt != pad_id)
   return jnp.take_along_axis(logits, (prompt_length_b - 1)[:, None, None], axis=1)[:, 0]
+
+
+_TRIES = weakref.WeakKeyDictionary()
+
+
+def item_trie(builder: tasks.TaskBuilder) -> generate.ItemTrie:
+  """The builder's item-id trie, built once: beam search compiles once per trie (a static argument)."""
+  if builder not in _TRIES:
+    _TRIES[builder] = generate.ItemTrie.build(builder.item_tokens)
+  return _TRIES[builder]
 
 
 def _batches(builder: tasks.TaskBuilder, task: str, users: np.ndarray, split: str, stage: str, batch_size: int,
@@ -85,7 +96,7 @@ def task_rows(graphdef, params, builder: tasks.TaskBuilder, task: str, users: np
   num_items, id_length = item_tokens.shape
   if task in ('recommendation', 'search') and ranking_method == 'full' and id_length != 1:
     raise ValueError('full-catalogue ranking needs atomic item IDs (config.data.item_ids); use beam ranking')
-  trie = generate.ItemTrie.build(item_tokens)
+  trie = item_trie(builder)
   kw = dict(pad_id=pad, eos_id=eos)
   rows = {'user': [], 'target': []}
   for real, examples, chunk, targets, tokens, images, lengths in _batches(

@@ -112,7 +112,7 @@ def _top_p_filter(logits_bv: jax.Array, top_p: float) -> jax.Array:
   return jnp.where(keep, logits_bv, NEG_INF)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'pad_id', 'eos_id', 'temperature', 'top_p'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'temperature', 'top_p'))
 def sample(graphdef, params, tokens_bt, images, prompt_length_b, rng, *, max_new: int, pad_id: int, eos_id: int,
            temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
   """New tokens [B, max_new]: greedy when temperature == 0, else sampled from softmax(logits /
@@ -130,7 +130,7 @@ def sample(graphdef, params, tokens_bt, images, prompt_length_b, rng, *, max_new
 
   def step(carry, key):
     logits_bv, cache, done_b = carry
-    token_b = jnp.where(done_b, pad_id, choose(logits_bv, key)).astype(jnp.int32)
+    token_b = jnp.where(done_b, pad_id, choose(logits_bv, key).astype(jnp.int32))
     logits_b1v, cache = model.decode(token_b[:, None], cache)
     return (logits_b1v[:, 0], cache, done_b | (token_b == eos_id)), token_b
 
@@ -139,7 +139,7 @@ def sample(graphdef, params, tokens_bt, images, prompt_length_b, rng, *, max_new
   return new_tokens.T
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'num_beams', 'max_new', 'pad_id', 'eos_id', 'trie'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_beams', 'max_new', 'trie'))
 def beam_search(graphdef, params, tokens_bt, images, prompt_length_b, banned_bn=None, *, num_beams: int,
                 max_new: int, pad_id: int, eos_id: int, trie: ItemTrie | None = None):
   """(tokens [B, beams, max_new], log-probabilities [B, beams]), best beam first.

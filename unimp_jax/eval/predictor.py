@@ -156,7 +156,7 @@ class Predictor:
       return [(int(i), float(probs[i])) for i in top]
     banned = np.zeros((1, len(item_tokens)), bool)
     banned[0, [h for h in history if not isinstance(h, NewItem)]] = True
-    trie = generate.ItemTrie.build(item_tokens)
+    trie = evaluate.item_trie(self.builder)
     out, scores = generate.beam_search(self.graphdef, self.params, tokens, images, lengths, banned, num_beams=k,
                                        max_new=item_tokens.shape[1], pad_id=builder.pad, eos_id=builder.eos, trie=trie)
     items = trie.items(np.asarray(out)[0])

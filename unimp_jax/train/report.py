@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -114,3 +115,54 @@ def write_report(workdir: str, *, title: str, summary: Mapping[str, object],
   with open(path, 'w') as f:
     f.write('\n\n'.join(sections) + '\n')
   return path
+
+
+# ---- unimp_jax.benchmark ------------------------------------------------------------------------------
+
+BENCHMARK_METRICS = ('HR@1', 'HR@5', 'HR@10', 'HR@20', 'NDCG@10', 'MRR@10')
+
+
+def plot_benchmark(path: str, results: dict[str, dict], ceilings: dict[str, float]) -> None:
+  """Bar chart of recommendation HR@10 and NDCG@10 per method, the dataset's ceilings as lines."""
+  names = [n for n in results if 'recommendation' in results[n]]
+  hr = [results[n]['recommendation']['HR@10'] for n in names]
+  ndcg = [results[n]['recommendation']['NDCG@10'] for n in names]
+  fig = Figure(figsize=(1.4 * len(names) + 2, 3.6))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  x = np.arange(len(names))
+  ax.bar(x - 0.2, hr, 0.4, label='HR@10')
+  ax.bar(x + 0.2, ndcg, 0.4, label='NDCG@10')
+  for label, value in ceilings.items():
+    ax.axhline(value, linestyle='--', color='grey', linewidth=1)
+    ax.text(len(names) - 0.5, value, label, ha='right', va='bottom', fontsize=8)
+  ax.set_xticks(x, names, rotation=20, ha='right', fontsize=8)
+  ax.set_ylabel('recommendation, test users')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, format='png', dpi=120)
+
+
+def benchmark_markdown(dataset_name: str, cfg, results: dict[str, dict], ceilings: dict[str, float],
+             speed: dict[str, float], command: str) -> str:
+  """unimp_jax.benchmark's report: one table per task (methods x metrics), ceilings, throughput."""
+  sections = [f'# Benchmark: {dataset_name}', f'Produced by `{command}`.',
+              f'UniMP preset: {cfg.train.steps} steps, batch {cfg.data.batch_size}, seq_len {cfg.data.seq_len}, '
+              f'split `{cfg.data.split}`, test users. The baselines see item IDs only (no queries, pictures '
+              f'or text), so they are scored on recommendation.']
+  for task in ('recommendation', 'search', 'preference', 'selection'):
+    scored = [(n, r[task]) for n, r in results.items() if task in r]
+    if not scored:
+      continue
+    keys = BENCHMARK_METRICS if task in ('recommendation', 'search') else [k for k in scored[0][1] if k != 'users']
+    rows = [[n, m['users'], *[m.get(k, float('nan')) for k in keys]] for n, m in scored]
+    if task == 'recommendation':
+      rows += [[f'*{label}*', '', *[value if k == 'HR@10' else '' for k in keys]] for label, value in ceilings.items()]
+    sections += [f'## {task}', table(['method', 'users', *keys], rows)]
+  if speed:
+    sections += [f'## Evaluation throughput ({speed["model"]}, recommendation, same users, one process)', table(
+        ['method', 'users/s'], [['full-catalogue ranking (one forward pass)', speed['full']],
+                                ['paper protocol (10-beam generation)', speed['paper']],
+                                ['ratio full / 10-beam', speed['full'] / speed['paper']]])]
+  sections.append('![HR@10 and NDCG@10](hr10.png)')
+  return '\n\n'.join(sections) + '\n'
