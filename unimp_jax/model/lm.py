@@ -66,7 +66,7 @@ class GatedCrossAttention(nnx.Module):
 
   Both alphas start at `alpha_init`: 0 (Flamingo, IDEFICS) keeps a pretrained LM exactly as it was; a
   model trained from scratch needs the gates open, or the image path gets almost no gradient and the
-  gates never open (tiny at 0: |alpha| ~ 0.01 after 2,000 steps). The attention output of a token
+  gates stay near 0 (docs/BENCHMARKS.md). The attention output of a token
   that may see no image (`gate` = 0: no `<image>` before it) is zeroed, as in IDEFICS; the MLP branch is
   not gated by images.
   """
