@@ -48,7 +48,8 @@ def step_rate(cfg, builder, steps: int) -> float:
   def grad_step(state, batch):
     def loss_fn(state):
       tokens = batch['tokens']
-      logits = nnx.merge(graphdef, state)(tokens, vision.normalize(batch['images']), tokens != pad)
+      images = vision.normalize(batch['images']) if 'images' in batch else None  # text / ids-only runs
+      logits = nnx.merge(graphdef, state)(tokens, images, tokens != pad)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
       mask = batch['answer_mask'][:, 1:] * batch['weight'][:, None]
       return (ce * mask).sum() / jnp.maximum(batch['answer_mask'][:, 1:].sum(), 1)

@@ -1,6 +1,7 @@
 """Every task scored on held-out users, sharded over processes.
 
-Each process evaluates its share of the users (`users[process_index::process_count]`) and returns one
+Each process evaluates its share of the users (`users[process_index::process_count]`; when the model is
+sharded across processes, every process evaluates every user, see `evaluate`) and returns one
 fixed-size row per user (`rows`). Rows from all processes are gathered, sorted by user and checked for
 duplicates before any metric is computed (`summarise`), so N processes give exactly the numbers of one.
 Batches are filled up to a fixed size by repeating the last example; those copies never become rows.
@@ -167,8 +168,6 @@ def chosen_slots(graphdef, params, builder: tasks.TaskBuilder, tokens, images, l
 def gather(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """All processes' rows on every process (padding rows, user -1, are added for equal shapes and
   dropped again)."""
-  if jax.process_count() == 1:
-    return rows
   counts = jax.experimental.multihost_utils.process_allgather(np.asarray([len(rows['user'])]))
   most = int(counts.max())
   padded = {k: np.concatenate([v, np.full((most - len(v), *v.shape[1:]), -1, v.dtype)]) for k, v in rows.items()}
@@ -216,13 +215,19 @@ def evaluate(graphdef, params, builder: tasks.TaskBuilder, *, split: str, stage:
   `full` for atomic ids and `beam` for semantic ones."""
   if ranking_method is None:
     ranking_method = 'full' if builder.item_tokens.shape[1] == 1 else 'beam'
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  users = pipeline.split_users(builder.dataset, split, stage)[process_index::process_count]
+  if process_count is None:
+    # A process may run its own jitted calls on its own users only when it holds the whole model; a model
+    # sharded across processes needs the same calls with the same inputs everywhere, so then every
+    # process evaluates every user (correct, redundant; a global-batch evaluation would share the work).
+    whole = all(x.is_fully_addressable for x in jax.tree.leaves(params))
+    process_index, process_count = (jax.process_index(), jax.process_count()) if whole else (0, 1)
+  users = pipeline.split_users(builder.dataset, split, stage)
   results = {}
   for task in tasks_to_run:
     eligible = np.asarray([u for u in users if builder.available(task, builder.dataset.user(int(u)))], np.int64)
-    rows = task_rows(graphdef, params, builder, task, eligible, split=split, stage=stage, batch_size=batch_size,
-                     ranking_method=ranking_method, seed=seed)
-    results[task] = summarise(task, gather(rows), builder)
+    if not len(eligible):  # e.g. preference on a dataset without ratings
+      continue
+    rows = task_rows(graphdef, params, builder, task, eligible[process_index::process_count], split=split,
+                     stage=stage, batch_size=batch_size, ranking_method=ranking_method, seed=seed)
+    results[task] = summarise(task, gather(rows) if process_count > 1 else rows, builder)
   return results
