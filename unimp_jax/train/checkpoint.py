@@ -138,11 +138,8 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> dict:
     """The config saved with `step` (default: the latest), as the plain dict JSON holds."""
-    step = self._manager.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {self.directory}')
     self._manager.wait_until_finished()
-    return dict(self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
+    return read_config(self.directory, step)
 
   def wait(self):
     """Blocks until the background save, if any, has been written and renamed into place."""
