@@ -51,9 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
       # dataset's tokenizer sets the real count; `<image>` is always the first added token.
       added_vocab_size=16,
       width=128, mlp_dim=352, num_layers=4, num_heads=4, num_kv_heads=4, rope_theta=10000.0,
-      norm_eps=1e-6, tie_embeddings=False,
+      norm_eps=1e-6, tie_embeddings=False, qkv_bias=False,  # qkv_bias: Qwen2's q/k/v projections
       cross_attn_every=2, media_mask='previous', alpha_type='float', alpha_init=0.0, qk_norm=False))
   c.model.image_token_id = c.model.lm.get_ref('vocab_size')
+
+  # Local Hugging Face directories to start from (unimp_jax.hf.load): a CLIP vision tower and/or a
+  # Llama-family LM, or a whole IDEFICS model. Their config.json sets the architecture of what they fill.
+  c.pretrained = ml_collections.ConfigDict(dict(vision='', lm='', idefics=''))
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -171,6 +175,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   _check_choice(cfg, 'data.semantic.init', semantic_ids.INITS)
   _check(not sem.embeddings or os.path.isfile(sem.embeddings), 'data.semantic.embeddings',
          f'{sem.embeddings!r} is not a file (a .npy or .safetensors [num_items, D]; \'\' = our own towers)')
+  for source, directory in cfg.pretrained.items():
+    _check(not directory or os.path.isdir(directory), f'pretrained.{source}', f'{directory!r} is not a directory')
   t = cfg.train
   _check(t.schedule in SCHEDULES, 'train.schedule', f'{t.schedule!r} is not one of {SCHEDULES}')
   per_process = cfg.data.batch_size // max(1, data * fsdp)

@@ -133,7 +133,7 @@ class TaskBuilder:
       self._cache[text] = self._encode(text)
     return self._cache[text]
 
-  def _chunk(self, item: int, answer: Sequence[int] = (), prefix: Sequence[int] = (), show_item: bool = True):
+  def chunk(self, item: int, answer: Sequence[int] = (), prefix: Sequence[int] = (), show_item: bool = True):
     """(token ids, image item or None) of one item chunk, with an optional answer span."""
     image = [self.ids.image] if self._has_image[item] else []
     answer_part = [self.ids.answer, *answer] if answer else []
@@ -166,7 +166,7 @@ class TaskBuilder:
       else:
         answer = list(self.item_tokens[inter.item]) if inter.item < len(self.item_tokens) else []
       # With `ids` content an id-answering chunk writes the id once, as its answer.
-      chunks.append(self._chunk(inter.item, answer, show_item=not (answers_id and self.item_content == 'ids')))
+      chunks.append(self.chunk(inter.item, answer, show_item=not (answers_id and self.item_content == 'ids')))
     return chunks
 
   def available(self, task: str, user: formats.User) -> bool:
@@ -224,9 +224,9 @@ class TaskBuilder:
     goal = np.full(4, -1, np.int32)
     if task == 'preference':
       if inter.rating is None:  # a prediction: the rating is what is asked
-        return [self._chunk(inter.item)], [], goal
+        return [self.chunk(inter.item)], [], goal
       goal[1] = inter.rating
-      return [self._chunk(inter.item)], [self.ids.rating(inter.rating), *self._explanation(inter.explanation)], goal
+      return [self.chunk(inter.item)], [self.ids.rating(inter.rating), *self._explanation(inter.explanation)], goal
     if task == 'selection':
       selection = (user.selections[target % len(user.selections)] if user.selections
                    else self._selection_from(inter, rng))
@@ -234,7 +234,7 @@ class TaskBuilder:
       goal[2] = sum(1 << s for s in slots)
       word = self._text(' Selection')
       chunks = [(self._text(' Select from:'), None)]
-      chunks += [self._chunk(c, prefix=[*word, self.ids.slot(k)]) for k, c in enumerate(selection.candidates)]
+      chunks += [self.chunk(c, prefix=[*word, self.ids.slot(k)]) for k, c in enumerate(selection.candidates)]
       return chunks, [self.ids.slot(s) for s in slots], goal
     goal[0] = inter.item
     if task == 'generation':

@@ -30,16 +30,17 @@ class SwiGLU(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-RMSNorm self-attention (RoPE, grouped-query) and SwiGLU MLP."""
+  """Pre-RMSNorm self-attention (RoPE, grouped-query; q/k/v biases for Qwen2) and SwiGLU MLP."""
 
   def __init__(self, cfg, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
     d, hd = cfg.width, cfg.width // cfg.num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
     self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
     self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
-    self.q = layers.Dense(d, cfg.num_heads * hd, ('embed', 'heads'), **kw)
-    self.k = layers.Dense(d, cfg.num_kv_heads * hd, ('embed', 'kv_heads'), **kw)
-    self.v = layers.Dense(d, cfg.num_kv_heads * hd, ('embed', 'kv_heads'), **kw)
+    bias = cfg.qkv_bias
+    self.q = layers.Dense(d, cfg.num_heads * hd, ('embed', 'heads'), use_bias=bias, **kw)
+    self.k = layers.Dense(d, cfg.num_kv_heads * hd, ('embed', 'kv_heads'), use_bias=bias, **kw)
+    self.v = layers.Dense(d, cfg.num_kv_heads * hd, ('embed', 'kv_heads'), use_bias=bias, **kw)
     self.o = layers.Dense(cfg.num_heads * hd, d, ('heads', 'embed'), **kw)
     self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     self.mlp = SwiGLU(d, cfg.mlp_dim, **kw)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from unimp_jax import config as config_lib
 from unimp_jax.data import pipeline, tasks
+from unimp_jax.hf import pretrained as pretrained_lib
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
@@ -52,6 +53,7 @@ def say(message: str) -> None:
 def train(cfg, workdir: str) -> Run:
   # ---- data: the vocabulary is fitted from the dataset and config alone, before the model exists -------
   dataset = pipeline.open_dataset(cfg)
+  pretrained_lib.fit_config(cfg, dataset)  # the architecture of pretrained parts, from their config.json
   pipeline.fit_model_to_dataset(cfg, dataset)
   mesh_shape = config_lib.validate(cfg, jax.device_count())
 
@@ -78,7 +80,11 @@ def train(cfg, workdir: str) -> Run:
       params = checkpoint_lib.restore_params(cfg.checkpoint.init_params_from, abstract_state['params'])
       say(f'initialised parameters from {cfg.checkpoint.init_params_from}')
     else:
-      params = nnx.to_pure_dict(nnx.state(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)))
+      model = unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)
+      for line in pretrained_lib.load_pretrained(model, cfg):
+        say(f'pretrained {line}')
+      params = nnx.to_pure_dict(nnx.state(model))
+      del model
     builder = pipeline.make_builder(cfg, dataset, workdir, params=params, graphdef=graphdef)
     batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)

@@ -1,0 +1,177 @@
+"""Export a trained UniMP to a Hugging Face directory that transformers loads.
+
+  python -m unimp_jax.hf.export --checkpoint WORKDIR --out DIR [--lm_only] [--step N] [--max_shard_size 2GB]
+
+WORKDIR is a main-job or benchmark run directory (its `checkpoints/`, or that directory itself). Writes
+
+  config.json                         IdeficsConfig: base vocabulary + `additional_vocab_size` added tokens
+  model-0000k-of-0000N.safetensors    the weights (HF names and layouts, unimp_jax.hf.mapping), sharded
+  model.safetensors.index.json
+  tokenizer.json, tokenizer_config.json ...   the run's tokenizer, every added token at its id
+  generation_config.json              pad / bos / eos ids, greedy
+  README.md                           a model card: what the model was trained on and how to prompt it
+
+for `IdeficsForVisionText2Text.from_pretrained(DIR)`, or with `--lm_only` the language model alone as
+`LlamaForCausalLM` (`Qwen2ForCausalLM` when it has q/k/v biases) with the added tokens as ordinary rows after
+the base vocabulary. Nothing is padded for sharding in this codebase (every array has its logical size), so
+there is nothing to trim. The directory is written beside DIR and renamed into place: a failed export leaves
+no half-written DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from flax.nnx import traversals
+
+from unimp_jax.data import tasks
+from unimp_jax.hf import files, mapping
+
+_UNITS = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'B': 1}
+
+
+def parse_size(text: str) -> int:
+  """'2GB', '500MiB', '4096' -> bytes."""
+  upper = text.strip().upper()
+  for unit in sorted(_UNITS, key=len, reverse=True):
+    if upper.endswith(unit):
+      return int(float(upper[:-len(unit)]) * _UNITS[unit])
+  return int(upper)
+
+
+def _run_directory(checkpoint: str) -> str:
+  checkpoint = os.path.normpath(checkpoint)
+  return os.path.dirname(checkpoint) if os.path.basename(checkpoint) == 'checkpoints' else checkpoint
+
+
+def hf_config(model_cfg, tokenizer, *, lm_only: bool):
+  """The transformers config object of the export."""
+  import transformers
+  special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id)
+  if lm_only:
+    kwargs = mapping.causal_lm_config(model_cfg, **special)
+    model_type = kwargs.pop('model_type')
+    config = (transformers.Qwen2Config if model_type == 'qwen2' else transformers.LlamaConfig)(**kwargs)
+    config.architectures = ['Qwen2ForCausalLM' if model_type == 'qwen2' else 'LlamaForCausalLM']
+  else:
+    config = transformers.IdeficsConfig(**mapping.idefics_config(model_cfg, **special))
+    config.architectures = ['IdeficsForVisionText2Text']
+  return config
+
+
+def hf_tensors(model_cfg, params, *, lm_only: bool):
+  """(HF name, array) pairs for our params (a nested pure dict); a parameter without an HF name is an error."""
+  flat = traversals.flatten_mapping(params)
+  if lm_only:  # the added rows join the base ones; the towers and the cross-attention stay behind
+    rules, flat = mapping.causal_lm_rules(model_cfg.lm), mapping.causal_lm_params(flat, model_cfg.lm)
+    flat = {k: v for k, v in flat.items() if k[0] == 'lm' and k[:3] != ('lm', 'groups', 'cross')
+            and k[1] not in ('added_embed', 'added_head')}
+  else:
+    rules = mapping.idefics_rules(model_cfg)
+  lost = sorted(set(flat) - {r.path for r in rules})
+  if lost:
+    raise mapping.MappingError(f'parameter {"/".join(lost[0])} has no Hugging Face name; the export would lose it')
+  return mapping.export(rules, flat)
+
+
+def model_card(cfg, dataset, step: int, architecture: str, tokenizer) -> str:
+  manifest = dataset.manifest
+  layout = tokenizer.unimp_layout
+  mixture = ', '.join(f'{t} {w:g}' for t, w in cfg.data.tasks.items() if w > 0)
+  return f"""---
+library_name: transformers
+tags: [unimp, recommendation, idefics, jax]
+---
+
+# UniMP ({architecture}), exported from unimp_jax
+
+A UniMP model (vision encoder, perceiver resampler, gated cross-attention, Llama decoder) trained with
+unimp_jax (JAX / Flax NNX) and exported by `python -m unimp_jax.hf.export` at training step {step}.
+
+## Training data
+
+- dataset: `{manifest.get('name', 'unknown')}` ({dataset.path}), {manifest.get('counts', {})}
+- split: {cfg.data.split}; history of at most {cfg.data.history} items, {cfg.data.seq_len} tokens,
+  {cfg.data.num_images} images of {cfg.model.vision.image_size} px
+- task mixture: {mixture}; item ids: {cfg.data.item_ids}; item content: {cfg.data.item_content}
+- {cfg.train.steps} steps of batch {cfg.data.batch_size}, learning rate {cfg.train.learning_rate}, focal gamma
+  {cfg.train.focal_gamma}
+
+## Prompts
+
+Every prompt is a sequence of item chunks, then an instruction, then `<answer>`:
+
+    <image> Category {{c}} Price {{p}} Brand {{b}} Title {{t}} <answer> {{item id}} <|endofchunk|> ...
+    What is the next item recommended to the user? <answer>
+
+Instructions: {json.dumps(tasks.INSTRUCTIONS)}.
+The tokenizer's {len(tokenizer) - layout['base_vocab_size']} added tokens (`<image>`, `<|endofchunk|>`,
+`<answer>`, ratings, slots, item ids) follow its base vocabulary of {layout['base_vocab_size']}. The k-th
+`<image>` of a row is image k of `pixel_values`; in `image_attention_mask` a token sees
+{'only the most recent image' if cfg.model.lm.media_mask == 'previous' else 'every image'} at or before it
+(`media_mask={cfg.model.lm.media_mask}`).
+
+```python
+from transformers import {architecture}
+model, info = {architecture}.from_pretrained(DIR, output_loading_info=True)
+```
+"""
+
+
+def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool = False,
+           max_shard_bytes: int = 2 * 10**9, overwrite: bool = False) -> str:
+  from unimp_jax.eval.predictor import Predictor
+  from transformers import GenerationConfig
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise FileExistsError(f'{out} exists and is not empty; pass --overwrite to replace it')
+  workdir = _run_directory(checkpoint)
+  predictor = Predictor.from_workdir(workdir, step)
+  cfg, tokenizer = predictor.cfg, predictor.builder.tokenizer
+  if step is None:
+    step = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  config = hf_config(cfg.model, tokenizer, lm_only=lm_only)
+  params = jax.tree.map(np.asarray, jax.device_get(predictor.params))
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.', dir=parent)
+  try:
+    config.save_pretrained(tmp)
+    shards = files.write_sharded(tmp, hf_tensors(cfg.model, params, lm_only=lm_only), max_shard_bytes=max_shard_bytes)
+    tokenizer.save_pretrained(tmp)
+    GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, do_sample=False).save_pretrained(tmp)
+    with open(os.path.join(tmp, 'README.md'), 'w') as f:
+      f.write(model_card(cfg, predictor.dataset, step, config.architectures[0], tokenizer))
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  print(f'wrote {out}: {config.architectures[0]}, step {step}, {shards} shard(s)')
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True, help='A run directory (or its checkpoints/).')
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--step', type=int, default=None, help='Default: the newest checkpoint.')
+  parser.add_argument('--lm_only', action='store_true', help='The language model alone (LlamaForCausalLM).')
+  parser.add_argument('--max_shard_size', default='2GB')
+  parser.add_argument('--overwrite', action='store_true')
+  args = parser.parse_args(argv)
+  export(args.checkpoint, args.out, step=args.step, lm_only=args.lm_only,
+         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
+
+
+if __name__ == '__main__':
+  main()
