@@ -73,7 +73,7 @@ def test_clip_vision_parity():
   mapping.update_vision_config(model_cfg, hf_cfg)
   assert model_cfg.vision.act == 'quick_gelu'
   model = _ours(model_cfg)
-  mapping.load_clip_vision(model, _tensors(hf))
+  mapping.load_clip_vision(model, _tensors(hf), model_cfg)
 
   images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():

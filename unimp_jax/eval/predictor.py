@@ -80,6 +80,11 @@ def _merged(cfg, saved: dict, prefix: str = ''):
   return cfg
 
 
+def run_config(workdir: str, step: int | None = None):
+  """The config a run directory's newest (or `step`) checkpoint was saved with, over today's defaults."""
+  return _merged(config_lib.base_config(), checkpoint_lib.read_config(os.path.join(workdir, 'checkpoints'), step))
+
+
 def _tuples(value):
   """JSON lists back to the tuples configs hold (e.g. the sharding rules table)."""
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -96,7 +101,7 @@ class Predictor:
   def from_workdir(cls, workdir: str, step: int | None = None) -> 'Predictor':
     """The newest (or `step`) checkpoint of a main-job or benchmark run directory."""
     directory = os.path.join(workdir, 'checkpoints')
-    cfg = _merged(config_lib.base_config(), checkpoint_lib.read_config(directory, step))
+    cfg = run_config(workdir, step)
     dataset = formats.UnifiedDataset(cfg.data.path)
     pipeline.fit_model_to_dataset(cfg, dataset)
     mesh = mesh_lib.make_mesh(cfg.mesh)

@@ -127,12 +127,14 @@ model, info = {architecture}.from_pretrained(DIR, output_loading_info=True)
 
 def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool = False,
            max_shard_bytes: int = 2 * 10**9, overwrite: bool = False) -> str:
-  from unimp_jax.eval.predictor import Predictor
+  from unimp_jax.eval.predictor import Predictor, run_config
   from transformers import GenerationConfig
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f'{out} exists and is not empty; pass --overwrite to replace it')
   workdir = _run_directory(checkpoint)
+  if not lm_only:  # what IDEFICS cannot hold fails here, before the weights are read
+    mapping.idefics_config(run_config(workdir, step).model)
   predictor = Predictor.from_workdir(workdir, step)
   cfg, tokenizer = predictor.cfg, predictor.builder.tokenizer
   if step is None:

@@ -1,0 +1,240 @@
+"""Hugging Face import and export as a user runs them: files on disk, transformers on the other side.
+
+Round trips JAX -> HF -> JAX must be bit-identical (fp32). Exported models are run in transformers'
+PyTorch modules (float64, single-threaded: the independent reference, as in test_hf_parity.py) by the
+verify tool, which must find logits within 1e-4 and the same 20 greedy tokens.
+"""
+
+import json
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from flax.nnx import traversals
+
+from unimp_jax import config as config_lib
+from unimp_jax.data import formats, pipeline, synthetic
+from unimp_jax.hf import export, files, mapping, pretrained
+from unimp_jax.model import unimp
+from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.train import checkpoint as checkpoint_lib
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('hf') / 'fashion')
+  synthetic.build(path, num_items=40, num_users=30, seed=1, image_size=32, bpe_vocab=400)
+  return path
+
+
+def _model(cfg, seed=0):
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])  # layouts, not sharding: one device is enough
+  return unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=seed)
+
+
+def _config(data, every=2, qk_norm=False, tied=False, kv_heads=4):
+  cfg = config_lib.base_config()
+  cfg.data.path = data
+  cfg.model.lm.update(cross_attn_every=every, qk_norm=qk_norm, tie_embeddings=tied, num_kv_heads=kv_heads)
+  cfg.model.connector.qk_norm = qk_norm
+  pipeline.fit_model_to_dataset(cfg, formats.UnifiedDataset(data))
+  return cfg
+
+
+def _trained_run(tmp_path, cfg):
+  """A run directory holding a checkpoint of a model whose every parameter is perturbed (open gates, norms
+  away from 1), as a trained one would be."""
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype),
+                        jax.device_get(nnx.to_pure_dict(nnx.state(_model(cfg)))))
+  workdir = str(tmp_path / 'run')
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=1,
+                                   async_save=False) as ckpt:
+    ckpt.save(3, {'params': params}, config=cfg, force=True)
+  return workdir, traversals.flatten_mapping(params)
+
+
+ROUND_TRIPS = [  # cross-attention every, q/k norms, tied, kv heads, LM alone, run in transformers too
+    (1, False, False, 4, False, False),
+    (2, True, True, 4, False, True),
+    (2, False, False, 2, True, True),   # GQA: IDEFICS cannot hold it, the LM alone can
+    (1, True, True, 4, True, False),
+]
+
+
+@pytest.mark.parametrize('every,qk_norm,tied,kv_heads,lm_only,in_transformers', ROUND_TRIPS)
+def test_export_round_trip_is_bit_identical(tmp_path, data, capsys, every, qk_norm, tied, kv_heads, lm_only,
+                                            in_transformers):
+  """JAX -> HF -> JAX gives every parameter back bit for bit. `in_transformers`: the verify tool also runs
+  the export in transformers and must find logits within 1e-4 on short prompts and a 512-token prompt with
+  pictures and padding, and the same 20 greedy tokens (transformers without a cache, ours with)."""
+  cfg = _config(data, every, qk_norm, tied, kv_heads)
+  workdir, ours = _trained_run(tmp_path, cfg)
+  out = str(tmp_path / 'hf')
+  export.export(workdir, out, lm_only=lm_only, max_shard_bytes=400_000)
+
+  with open(os.path.join(out, files.INDEX)) as f:
+    shards = set(json.load(f)['weight_map'].values())
+  assert len(shards) > 1 and all(os.path.exists(os.path.join(out, s)) for s in shards)
+  hf_config = files.read_json(out)
+  assert hf_config['architectures'] == (['LlamaForCausalLM'] if lm_only else ['IdeficsForVisionText2Text'])
+  card = open(os.path.join(out, 'README.md')).read()
+  assert 'fashion-synthetic' in card and 'step 3' in card
+  assert files.read_json(out, 'generation_config.json')['eos_token_id'] == 2
+
+  from transformers import AutoConfig, AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+  layout = pipeline.token_ids(cfg, formats.UnifiedDataset(data))
+  assert len(tokenizer) == layout.base_vocab_size + layout.added_vocab_size
+  assert tokenizer.convert_tokens_to_ids(['<image>', '<answer>', 'item_39']) == [
+      layout.image, layout.answer, int(layout.item(39))]
+
+  back = _model(cfg, seed=1)  # other random values everywhere
+  if lm_only:
+    vocab = AutoConfig.from_pretrained(out, local_files_only=True).vocab_size
+    assert vocab == cfg.model.lm.vocab_size + cfg.model.lm.added_vocab_size  # added tokens as ordinary rows
+    mapping.load_llama(back, files.Checkpoint(out), cfg.model)
+  else:
+    assert mapping.model_config_from_idefics(AutoConfig.from_pretrained(out, local_files_only=True)).lm.width == 128
+    mapping.load_idefics(back, files.Checkpoint(out), cfg.model)
+  loaded = traversals.flatten_mapping(jax.device_get(nnx.to_pure_dict(nnx.state(back))))
+  compared = [p for p in ours if not lm_only or (p[0] == 'lm' and p[:3] != ('lm', 'groups', 'cross'))]
+  assert len(compared) > 10
+  for path in compared:
+    np.testing.assert_array_equal(loaded[path], ours[path], err_msg='/'.join(path))
+
+  if in_transformers:
+    _torch()
+    from unimp_jax.hf import verify
+    code = verify.main(['--checkpoint', workdir, '--hf', out, '--dtype', 'float64', '--atol', '1e-4'])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert 'greedy 20 tokens' in printed and 'same in both' in printed and '2 x 512 tokens' in printed
+    assert ('0 image slots' in printed) == lm_only
+
+
+def test_export_refuses_what_idefics_cannot_hold(tmp_path, data):
+  cfg = _config(data, kv_heads=2)
+  workdir, _ = _trained_run(tmp_path, cfg)
+  with pytest.raises(mapping.MappingError, match='no grouped-query attention.*--lm_only'):
+    export.export(workdir, str(tmp_path / 'hf'))
+  assert not os.path.exists(tmp_path / 'hf') and os.listdir(tmp_path) == ['run']  # nothing half-written
+
+
+def test_pickles_are_refused_never_loaded(tmp_path):
+  marker = tmp_path / 'unpickled'
+
+  class Payload:
+    def __reduce__(self):
+      return os.mkdir, (str(marker),)
+
+  (tmp_path / 'pytorch_model.bin').write_bytes(pickle.dumps(Payload()))
+  (tmp_path / 'config.json').write_text('{"model_type": "llama"}')
+  with pytest.raises(files.CheckpointError, match=r'pytorch_model\.bin is a pickle.*never loaded'):
+    files.Checkpoint(str(tmp_path))
+  assert not marker.exists()
+
+
+# ---- importing checkpoints written by transformers --------------------------------------------------------
+
+def _torch():
+  torch = pytest.importorskip('torch', reason='needs the `hf` extra (torch==2.13.0)')
+  torch.set_num_threads(1)
+  torch.backends.mkldnn.enabled = False
+  return torch
+
+
+def _llama_family(kind: str, vocab: int, **overrides):
+  import transformers
+  common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=kind == 'qwen2',
+                rope_parameters={'rope_type': 'default', 'rope_theta': 1e6 if kind == 'qwen2' else 1e4},
+                attn_implementation='eager')
+  common.update(overrides)
+  config_cls, model_cls = {'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                           'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM),
+                           'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+  return model_cls(config_cls(**common))
+
+
+def _perturbed_and_saved(model, directory, torch, max_shard_size='100KB'):
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  model.save_pretrained(directory, max_shard_size=max_shard_size)  # safetensors, sharded with an index
+  return model.double().eval()
+
+
+@pytest.mark.parametrize('kind', ['qwen2', 'mistral'])
+def test_sharded_llama_family_checkpoints_import_with_parity(tmp_path, data, kind):
+  torch = _torch()
+  directory = str(tmp_path / kind)
+  hf = _perturbed_and_saved(_llama_family(kind, 300, sliding_window=None), directory, torch)
+  assert os.path.exists(os.path.join(directory, files.INDEX))
+  tensors = files.Checkpoint(directory)
+  cfg = config_lib.base_config()
+  mapping.update_llama_config(cfg.model, hf.config, seq_len=cfg.data.seq_len)
+  assert cfg.model.lm.qkv_bias == (kind == 'qwen2') and cfg.model.lm.num_kv_heads == 2
+  model = _model(cfg)
+  mapping.load_llama(model, tensors, cfg.model)
+
+  tokens = np.random.default_rng(0).integers(3, 300, (2, 96))
+  mask = np.ones(tokens.shape, bool)
+  mask[0, 70:] = False
+  with torch.no_grad():
+    expected = hf(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  logits = np.asarray(unimp.jit_forward(nnx.split(model)[0])(nnx.state(model), tokens, None, mask))[..., :300]
+  np.testing.assert_allclose(logits[mask], expected[mask], atol=1e-4, rtol=0)
+
+
+def test_sliding_window_shorter_than_the_sequence_is_refused(data):
+  _torch()
+  hf = _llama_family('mistral', 300, sliding_window=64)
+  cfg = config_lib.base_config()
+  with pytest.raises(mapping.MappingError, match='sliding_window=64 < config.data.seq_len=128'):
+    mapping.update_llama_config(cfg.model, hf.config, seq_len=cfg.data.seq_len)
+
+
+def test_pretrained_towers_fill_the_model_and_the_rest_stays_fresh(tmp_path, data):
+  """`config.pretrained.*` as training reads it: the architecture from config.json, the tensors streamed in,
+  the connector and cross-attention (gates at 0) left as initialised; a vocabulary that is not the
+  dataset's is a clear error."""
+  torch = _torch()
+  import transformers
+  dataset = formats.UnifiedDataset(data)
+  base_vocab = pipeline.token_ids(config_lib.base_config(), dataset).base_vocab_size
+  lm_dir, clip_dir, wrong_dir = (str(tmp_path / n) for n in ('lm', 'clip', 'wrong'))
+  lm = _perturbed_and_saved(_llama_family('llama', base_vocab, hidden_size=96, num_hidden_layers=2), lm_dir, torch)
+  clip = transformers.CLIPModel(transformers.CLIPConfig(
+      vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8),
+      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
+  clip = _perturbed_and_saved(clip, clip_dir, torch, max_shard_size='2GB')
+
+  cfg = config_lib.base_config()
+  cfg.data.path = data
+  cfg.pretrained.update(lm=lm_dir, vision=clip_dir)
+  pretrained.fit_config(cfg, dataset)
+  pipeline.fit_model_to_dataset(cfg, dataset)
+  assert (cfg.model.lm.width, cfg.model.lm.num_layers, cfg.model.vision.width) == (96, 2, 48)
+  model = _model(cfg)
+  fresh_alpha = np.asarray(model.lm.groups.cross.alpha_attn[...])
+  lines = pretrained.load_pretrained(model, cfg)
+  assert [line.split(':')[0] for line in lines] == ['vision', 'lm']
+  np.testing.assert_array_equal(model.lm.embed[...], lm.model.embed_tokens.weight.detach().float().numpy())
+  np.testing.assert_array_equal(model.vision.pos_embed[...],
+                                clip.vision_model.embeddings.position_embedding.weight.detach().float().numpy())
+  np.testing.assert_array_equal(model.lm.groups.cross.alpha_attn[...], fresh_alpha)
+  assert not fresh_alpha.any()
+
+  _perturbed_and_saved(_llama_family('llama', base_vocab + 5), wrong_dir, torch)
+  wrong = config_lib.base_config()
+  wrong.data.path = data
+  wrong.pretrained.lm = wrong_dir
+  with pytest.raises(config_lib.ConfigError, match=rf'vocab_size={base_vocab + 5}, but the dataset .* gives '
+                                                   rf'{base_vocab} .*--tokenizer'):
+    pretrained.fit_config(wrong, dataset)
