@@ -25,15 +25,15 @@ class CheckpointError(ValueError):
 
 
 class LazyTensor:
-  """One tensor of a safetensors file: `shape` and `dtype` from the header; `np.asarray` reads it."""
+  """One tensor of a safetensors file: `shape` and `dtype` from the header; `np.asarray` reads it (the file
+  is mapped only while it reads, so the pages read do not stay in this process's memory)."""
 
-  def __init__(self, handle, name: str):
-    self._handle, self.name = handle, name
-    info = handle.get_slice(name)
-    self.shape, self.dtype = tuple(info.get_shape()), info.get_dtype()
+  def __init__(self, path: str, name: str, shape, dtype: str):
+    self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), dtype
 
   def __array__(self, dtype=None, copy=None):
-    array = self._handle.get_tensor(self.name)
+    with safe_open(self.path, framework='numpy') as f:
+      array = f.get_tensor(self.name)
     return array if dtype is None else array.astype(dtype)
 
 
@@ -67,11 +67,12 @@ class Checkpoint(Mapping):
       path = os.path.join(directory, name)
       if not os.path.exists(path):
         raise CheckpointError(f'{index} names {name}, which is not in {directory}')
-      handle = safe_open(path, framework='numpy')
-      for key in handle.keys():
-        if weight_map is not None and weight_map.get(key) != name:
-          raise CheckpointError(f'{path} holds {key!r}, which {INDEX} places in {weight_map.get(key)}')
-        self._tensors[key] = LazyTensor(handle, key)
+      with safe_open(path, framework='numpy') as handle:
+        for key in handle.keys():
+          if weight_map is not None and weight_map.get(key) != name:
+            raise CheckpointError(f'{path} holds {key!r}, which {INDEX} places in {weight_map.get(key)}')
+          info = handle.get_slice(key)
+          self._tensors[key] = LazyTensor(path, key, info.get_shape(), info.get_dtype())
     if weight_map is not None and (absent := sorted(set(weight_map) - set(self._tensors))):
       raise CheckpointError(f'{INDEX} lists {absent[0]!r} in {weight_map[absent[0]]}, which does not hold it')
 

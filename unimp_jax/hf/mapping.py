@@ -184,10 +184,17 @@ def check(rules: list[Rule], tensors: Mapping, shapes: Mapping[tuple, tuple], *,
                        f'({len(unexpected)} unused in all)')
 
 
-def read(rule: Rule, tensors: Mapping, shape: tuple[int, ...]) -> np.ndarray:
-  """Our parameter of `shape` from its HF tensor(s); `np.asarray` on a lazy tensor reads it from disk."""
-  values = [rule.layout.to_ours(np.asarray(tensors[name])) for name in rule.hf_names(shape)]
-  return np.stack(values).reshape(shape) if rule.stack else values[0]
+def read(rule: Rule, tensors: Mapping, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+  """Our parameter of `shape` from its HF tensor(s), written layer by layer into one `dtype` array;
+  `np.asarray` on a lazy tensor reads it from disk."""
+  names = rule.hf_names(shape)
+  if not rule.stack:
+    return rule.layout.to_ours(np.asarray(tensors[names[0]])).astype(dtype, copy=False)
+  out = np.empty(shape, dtype)
+  layers = out.reshape(-1, *shape[rule.stack:])
+  for i, name in enumerate(names):
+    layers[i] = rule.layout.to_ours(np.asarray(tensors[name]))
+  return out
 
 
 def param_shapes(model) -> dict[tuple, tuple]:
@@ -207,9 +214,9 @@ def load(model, rules: list[Rule], tensors: Mapping, *, ignore: Callable[[str], 
                          '(model.lm.tie_embeddings=True)')
   for rule in rules:
     variable = functools.reduce(getattr, rule.path, model)
-    value = read(rule, tensors, shapes[rule.path])
     current = variable.get_value()
-    variable.set_value(jax.device_put(value.astype(current.dtype), current.sharding))
+    value = read(rule, tensors, shapes[rule.path], current.dtype)
+    variable.set_value(jax.device_put(value, current.sharding))
     del current, value
 
 
