@@ -41,9 +41,10 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(overrides, key):
     config_lib.validate(cfg, 8)
 
 
-@pytest.mark.parametrize('preset', PRESETS)
-def test_parameter_counts_match_the_analytic_formula(preset):
-  cfg = config_lib.load(preset)
+@pytest.mark.parametrize('preset,overrides', [(p, ()) for p in PRESETS] + [
+    ('configs/tiny.py', ('model.lm.qkv_bias=True', 'model.lm.num_kv_heads=2', 'model.lm.tie_embeddings=True'))])
+def test_parameter_counts_match_the_analytic_formula(preset, overrides):
+  cfg = config_lib.load(preset, overrides)
   _, state = unimp.abstract_model(cfg.model)  # shapes only: paper presets are never allocated
   by_tower = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:

@@ -225,6 +225,7 @@ def num_params_analytic(model_cfg) -> dict[str, int]:
   w, hd = lm.width, lm.width // lm.num_heads
   vocab = lm.vocab_size + lm.added_vocab_size
   attn = w * lm.num_heads * hd * 2 + w * lm.num_kv_heads * hd * 2
+  attn += (lm.num_heads + 2 * lm.num_kv_heads) * hd if lm.qkv_bias else 0
   swiglu = 3 * w * lm.mlp_dim
   decoder = lm.num_layers * (attn + swiglu + 2 * w)
   alpha = w if lm.alpha_type == 'vector' else 1
