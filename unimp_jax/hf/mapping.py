@@ -1,11 +1,13 @@
-"""Explicit name and layout mapping between our parameters and Hugging Face checkpoints.
+"""Explicit name and layout mapping between our parameters and Hugging Face checkpoints, both ways.
 
 One table per tower says, for every parameter of ours, which HF tensor it comes from and how its layout
-changes (torch Linear weights are [out, in]; ours are [in, out]; a patch convolution becomes a matmul over
-flattened patches). Stacked (scanned) parameters gather one HF tensor per layer. Loading checks the table
-both ways: a parameter of ours with no tensor, a tensor nobody consumed, or a shape that differs is an
-error that names it. The HF models covered are `CLIPVisionModel`, `LlamaForCausalLM` and
-`IdeficsForVisionText2Text` (IDEFICS v1).
+changes (`Layout`: torch Linear weights are [out, in], ours [in, out]; a patch convolution becomes a matmul
+over flattened patches). Stacked (scanned) parameters gather one HF tensor per layer. Loading checks the
+table both ways from shapes alone before reading anything: a parameter of ours with no tensor, a tensor
+nobody consumed, or a shape that differs is an error that names it; then each parameter is read and placed
+on its sharding one at a time (`load`). `export` runs the same rules backwards. The HF models covered are
+`CLIPVisionModel`, Llama-family `*ForCausalLM` (Llama, Mistral, Qwen2) and `IdeficsForVisionText2Text`
+(IDEFICS v1).
 """
 
 from __future__ import annotations
