@@ -21,7 +21,6 @@ no half-written DIR.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -85,6 +84,7 @@ def model_card(cfg, dataset, step: int, architecture: str, tokenizer) -> str:
   manifest = dataset.manifest
   layout = tokenizer.unimp_layout
   mixture = ', '.join(f'{t} {w:g}' for t, w in cfg.data.tasks.items() if w > 0)
+  instructions = '\n'.join(f'- {task}: "{text}"' for task, text in tasks.INSTRUCTIONS.items() if cfg.data.tasks[task] > 0)
   return f"""---
 library_name: transformers
 tags: [unimp, recommendation, idefics, jax]
@@ -111,7 +111,10 @@ Every prompt is a sequence of item chunks, then an instruction, then `<answer>`:
     <image> Category {{c}} Price {{p}} Brand {{b}} Title {{t}} <answer> {{item id}} <|endofchunk|> ...
     What is the next item recommended to the user? <answer>
 
-Instructions: {json.dumps(tasks.INSTRUCTIONS)}.
+Instructions (`{{query}}`: the search words):
+
+{instructions}
+
 The tokenizer's {len(tokenizer) - layout['base_vocab_size']} added tokens (`<image>`, `<|endofchunk|>`,
 `<answer>`, ratings, slots, item ids) follow its base vocabulary of {layout['base_vocab_size']}. The k-th
 `<image>` of a row is image k of `pixel_values`; in `image_attention_mask` a token sees
