@@ -38,9 +38,9 @@ def rows(setup, task, method='full', shard=0, shards=1):
   cfg, builder, graphdef, params, cache = setup
   key = (task, method, shard, shards)
   if key not in cache:
-    users = pipeline.split_users(builder.dataset, cfg.data.split, 'test')[shard::shards]
-    cache[key] = evaluate.task_rows(graphdef, params, builder, task, users, split=cfg.data.split, stage='test',
-                                    batch_size=BATCH, ranking_method=method)
+    users = pipeline.split_users(builder.dataset, cfg.data.split, 'test')
+    cache[key] = evaluate.share_rows(graphdef, params, builder, task, users, shard, shards, split=cfg.data.split,
+                                     stage='test', batch_size=BATCH, ranking_method=method)
   return cache[key]
 
 
@@ -52,6 +52,20 @@ def test_two_processes_give_the_numbers_of_one(setup, task):
   two = evaluate.summarise(task, halves, builder)
   assert one == two
   assert one['users'] == len(pipeline.split_users(builder.dataset, 'by_user', 'test'))
+
+
+def test_more_processes_than_users_give_the_numbers_of_one(setup):
+  """8 processes for 6 test users: the two without users contribute empty rows of the right columns."""
+  cfg, builder = setup[:2]
+  users = pipeline.split_users(builder.dataset, cfg.data.split, 'test')
+  assert len(users) < 8
+  shards = [rows(setup, 'recommendation', shard=k, shards=8) for k in range(8)]
+  one = rows(setup, 'recommendation')
+  assert [len(s['user']) for s in shards].count(0) == 8 - len(users)
+  for shard in shards:
+    assert {k: (v.dtype, v.shape[1:]) for k, v in shard.items()} == {k: (v.dtype, v.shape[1:]) for k, v in one.items()}
+  assert evaluate.summarise('recommendation', evaluate.merge(shards), builder) == evaluate.summarise(
+      'recommendation', one, builder)
 
 
 def test_a_user_counted_twice_is_an_error(setup):

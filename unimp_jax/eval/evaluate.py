@@ -227,7 +227,18 @@ def evaluate(graphdef, params, builder: tasks.TaskBuilder, *, split: str, stage:
     eligible = np.asarray([u for u in users if builder.available(task, builder.dataset.user(int(u)))], np.int64)
     if not len(eligible):  # e.g. preference on a dataset without ratings
       continue
-    rows = task_rows(graphdef, params, builder, task, eligible[process_index::process_count], split=split,
-                     stage=stage, batch_size=batch_size, ranking_method=ranking_method, seed=seed)
+    rows = share_rows(graphdef, params, builder, task, eligible, process_index, process_count, split=split,
+                      stage=stage, batch_size=batch_size, ranking_method=ranking_method, seed=seed)
     results[task] = summarise(task, gather(rows) if process_count > 1 else rows, builder)
   return results
+
+
+def share_rows(graphdef, params, builder: tasks.TaskBuilder, task: str, users: np.ndarray, process_index: int,
+               process_count: int, **kw) -> dict[str, np.ndarray]:
+  """`task_rows` of this process's share of `users` (every `process_count`-th). A process left without
+  users (more processes than users) runs one user's batch anyway and keeps none of its rows, so that its
+  rows have every column, with the dtypes and shapes the other processes' have."""
+  share = users[process_index::process_count]
+  if len(share):
+    return task_rows(graphdef, params, builder, task, share, **kw)
+  return {k: v[:0] for k, v in task_rows(graphdef, params, builder, task, users[:1], **kw).items()}
