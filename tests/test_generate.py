@@ -110,12 +110,14 @@ def test_constrained_decoding_only_emits_catalogue_items():
     unique = np.unique(np.stack(levels, 1), axis=0)
     item_tokens = np.asarray([[200 + level * codes + c for level, c in enumerate(row)] for row in unique])
     trie = generate.ItemTrie.build(item_tokens)
-    banned = rng.random((2, len(unique))) < 0.5
+    banned = rng.random((2, len(unique))) < np.asarray([[0.5], [0.9]])  # row 1: few items left
     out, scores = generate.beam_search(graphdef, state, tokens, images, lengths, banned, num_beams=4,
                                        max_new=depth, pad_id=PAD, eos_id=EOS, trie=trie)
     items = trie.items(np.asarray(out))
     allowed = np.asarray(scores) > generate.NEG_INF / 2
     assert (items[allowed] >= 0).all()
+    # No beam is spent on a prefix whose items are all banned: as many items as beams, or as allowed.
+    np.testing.assert_array_equal(allowed.sum(1), np.minimum(4, (~banned).sum(1)))
     for row in range(2):
       assert not banned[row, items[row][allowed[row]]].any()
       assert len(set(items[row][allowed[row]])) == allowed[row].sum()

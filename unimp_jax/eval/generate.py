@@ -37,6 +37,7 @@ class ItemTrie:
 
   next_node [internal nodes, width]  internal node reached by a token, -1 if none
   leaf_item [internal nodes, width]  item completed by a token, -1 if none
+  ancestors [items, depth - 1]       the internal nodes on each item's path below the root
   Node 0 is the root. All IDs have the same length (`depth`), so a token completes an item exactly at
   the last level.
   """
@@ -44,6 +45,7 @@ class ItemTrie:
   depth: int
   next_node: np.ndarray
   leaf_item: np.ndarray
+  ancestors: np.ndarray
 
   @classmethod
   def build(cls, item_tokens: np.ndarray) -> 'ItemTrie':
@@ -58,6 +60,8 @@ class ItemTrie:
         nodes.setdefault(tuple(row[:d]), len(nodes))
     next_node = np.full((len(nodes), width), -1, np.int32)
     leaf_item = np.full((len(nodes), width), -1, np.int32)
+    ancestors = np.asarray([[nodes[tuple(row[:d])] for d in range(1, depth)] for row in item_tokens],
+                           np.int32).reshape(num_items, depth - 1)
     for item, row in enumerate(item_tokens):
       for d in range(depth - 1):
         next_node[nodes[tuple(row[:d])], row[d] - first] = nodes[tuple(row[:d + 1])]
@@ -65,7 +69,7 @@ class ItemTrie:
       if leaf_item[parent, row[-1] - first] >= 0:
         raise ValueError(f'items {leaf_item[parent, row[-1] - first]} and {item} have the same ID tokens {row.tolist()}')
       leaf_item[parent, row[-1] - first] = item
-    return cls(first, depth, next_node, leaf_item)
+    return cls(first, depth, next_node, leaf_item, ancestors)
 
   def items(self, tokens: np.ndarray) -> np.ndarray:
     """Item ids spelt by token sequences [..., depth]; -1 for a sequence that is no item's ID."""
@@ -146,8 +150,9 @@ def beam_search(graphdef, params, tokens_bt, images, prompt_length_b, banned_bn=
 
   Scores are sums of the model's log-probabilities (no length penalty). A beam that emits
   end-of-sequence is finished: it keeps its score and emits padding. With `trie`, `max_new` must equal
-  the ID length and only item IDs can come out; `banned_bn` [B, num_items] excludes items per row. A
-  row with fewer allowed items than beams gets -inf scores for the rest.
+  the ID length and only item IDs can come out; `banned_bn` [B, num_items] excludes items per row, and a
+  prefix whose every item is banned is never taken, so no beam is spent on it. A row with fewer allowed
+  items than beams gets -inf scores for the rest.
   """
   model = nnx.merge(graphdef, params)
   b, k = tokens_bt.shape[0], num_beams
@@ -161,14 +166,20 @@ def beam_search(graphdef, params, tokens_bt, images, prompt_length_b, banned_bn=
   out = jnp.full((b * k, max_new), pad_id, jnp.int32)
   if trie is not None:
     next_node, leaf_item = jnp.asarray(trie.next_node), jnp.asarray(trie.leaf_item)
+    if banned_bn is not None:  # per row, how many allowed items each internal node leads to
+      allowed_items = (~jnp.asarray(banned_bn)).astype(jnp.int32)
+      open_bn = jnp.zeros((b, next_node.shape[0]), jnp.int32)
+      for level in range(trie.depth - 1):
+        open_bn = open_bn.at[:, trie.ancestors[:, level]].add(allowed_items)
 
   def constrain(logp, node):
     """Log-probabilities of tokens that continue an ID from `node`; all others -inf."""
     ids = jax.lax.dynamic_slice_in_dim(logp, trie.first, next_node.shape[1], axis=1)
-    leaf = leaf_item[node]
-    allowed = (next_node[node] >= 0) | (leaf >= 0)
+    leaf, child = leaf_item[node], next_node[node]
+    allowed = (child >= 0) | (leaf >= 0)
     if banned_bn is not None:
       allowed &= ~(jnp.take_along_axis(banned_bn[rows], jnp.maximum(leaf, 0), axis=1) & (leaf >= 0))
+      allowed &= (child < 0) | (jnp.take_along_axis(open_bn[rows], jnp.maximum(child, 0), axis=1) > 0)
     masked = jnp.full_like(logp, NEG_INF)
     return jax.lax.dynamic_update_slice_in_dim(masked, jnp.where(allowed, ids, NEG_INF), trie.first, axis=1)
 
