@@ -16,6 +16,7 @@ model by name and shape before any is read, then streamed one at a time into the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import resource
@@ -99,10 +100,8 @@ def reset_peak_host_bytes() -> bool:
   """Starts a new peak-memory window (Linux >= 4.0) at what the process really holds: garbage collected
   and freed heap returned to the system first. False where the peak cannot be reset."""
   gc.collect()  # model creation leaves arrays in reference cycles
-  try:
+  with contextlib.suppress(OSError, AttributeError):  # glibc only
     ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
   try:
     with open('/proc/self/clear_refs', 'w') as f:
       f.write('5')
