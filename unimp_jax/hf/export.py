@@ -44,7 +44,8 @@ def parse_size(text: str) -> int:
   return int(upper)
 
 
-def _run_directory(checkpoint: str) -> str:
+def run_directory(checkpoint: str) -> str:
+  """The run directory of `checkpoint` (a run directory or its `checkpoints/`)."""
   checkpoint = os.path.normpath(checkpoint)
   return os.path.dirname(checkpoint) if os.path.basename(checkpoint) == 'checkpoints' else checkpoint
 
@@ -135,7 +136,7 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f'{out} exists and is not empty; pass --overwrite to replace it')
-  workdir = _run_directory(checkpoint)
+  workdir = run_directory(checkpoint)
   if not lm_only:  # what IDEFICS cannot hold fails here, before the weights are read
     mapping.idefics_config(run_config(workdir, step).model)
   predictor = Predictor.from_workdir(workdir, step)

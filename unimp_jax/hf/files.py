@@ -97,7 +97,7 @@ def read_json(directory: str, name: str = 'config.json') -> dict:
 def write_sharded(directory: str, tensors: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int) -> int:
   """Writes `model-0000k-of-0000N.safetensors` shards of at most `max_shard_bytes` (a bigger tensor gets a
   shard of its own) and `model.safetensors.index.json`, holding one shard in memory. Returns the shard count."""
-  shards, current, size, total = [], {}, 0, 0
+  shards, current, size, total, written = [], {}, 0, 0, set()
 
   def flush():
     nonlocal current, size
@@ -108,8 +108,9 @@ def write_sharded(directory: str, tensors: Iterable[tuple[str, np.ndarray]], *, 
       current, size = {}, 0
 
   for name, array in tensors:
-    if name in current or any(name in names for _, names in shards):
+    if name in written:
       raise ValueError(f'tensor {name!r} written twice')
+    written.add(name)
     if size and size + array.nbytes > max_shard_bytes:
       flush()
     current[name] = array

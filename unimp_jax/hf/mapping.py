@@ -250,8 +250,7 @@ def load_llama(model, tensors: Mapping, model_cfg) -> None:
   lm = model_cfg.lm
   embed = tensors.get('model.embed_tokens.weight')
   with_added = embed is not None and embed.shape[0] == lm.vocab_size + lm.added_vocab_size != lm.vocab_size
-  tied = {'lm_head.weight': 'model.embed_tokens.weight'} if lm.tie_embeddings else {}
-  load(model, causal_lm_rules(lm, with_added=with_added), tensors, tied=tied)
+  load(model, causal_lm_rules(lm, with_added=with_added), tensors, tied=_tied_aliases(model_cfg))
 
 
 def causal_lm_params(params: Mapping[tuple, np.ndarray], lm_cfg) -> dict[tuple, np.ndarray]:

@@ -136,8 +136,8 @@ def main(argv=None) -> int:
   parser.add_argument('--greedy', type=int, default=20, help='Greedy tokens compared (0: skip).')
   args = parser.parse_args(argv)
   from unimp_jax.eval.predictor import Predictor
-  from unimp_jax.hf.export import _run_directory
-  predictor = Predictor.from_workdir(_run_directory(args.checkpoint), args.step)
+  from unimp_jax.hf.export import run_directory
+  predictor = Predictor.from_workdir(run_directory(args.checkpoint), args.step)
   hf = load_hf(args.hf, args.dtype)
   lm_only = not hasattr(hf.config, 'additional_vocab_size')
   cfg, builder = predictor.cfg, predictor.builder
