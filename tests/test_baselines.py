@@ -110,3 +110,72 @@ def test_sasrec_is_deterministic_given_the_seed():
   b = sasrec.sasrec_scores(train, histories, 30, seed=3, **options)
   assert a.shape == (3, 30) and np.isfinite(a).all()
   np.testing.assert_array_equal(a, b)
+
+
+def test_attribute_ceiling_fits_the_same_weights_as_scipy_and_needs_the_simulators_colours(tmp_path, hand_made):
+  import scipy.optimize
+  from unimp_jax.baselines import attributes
+  from unimp_jax.data import synthetic
+  synthetic.build(str(tmp_path / 'fashion'), num_items=60, num_users=60, seed=0, image_size=16, bpe_vocab=400)
+  dataset = formats.UnifiedDataset(str(tmp_path / 'fashion'))
+  attrs = attributes.item_attributes(dataset)
+  train = baselines.training_sequences(dataset, 'by_user')
+  popularity = np.log1p(classic.item_counts(train, 60))
+  weights = attributes.fit(train, attrs, popularity, recent=3)
+
+  # Independent reference: the same likelihood written position by position in float64, minimised by scipy.
+  rows = []
+  for seq in train:
+    for t in range(1, len(seq)):
+      window, f = seq[max(0, t - 3):t], []
+      for field in ('colour', 'category', 'brand'):
+        share = np.asarray([np.mean(attrs[field][window] == attrs[field][i]) for i in range(60)])
+        f += [share, np.log(share + 0.05)]
+      gap = np.abs(attrs['log_price'] - attrs['log_price'][window].mean())
+      f += [gap, gap ** 2, popularity]
+      rows.append((np.stack(f, 1), np.isin(np.arange(60), seq[:t]), seq[t]))
+
+  def nll(w):
+    total = 0.0
+    for features, seen, target in rows:
+      logits = np.where(seen, -np.inf, features @ w)
+      total += np.logaddexp.reduce(logits) - logits[target]
+    return total / len(rows)
+
+  reference = scipy.optimize.minimize(nll, np.zeros(9), method='BFGS')
+  assert nll(weights) < reference.fun + 1e-5  # the same maximum likelihood (the share/log-share pairs
+  np.testing.assert_allclose(weights, reference.x, atol=0.03 * np.abs(reference.x).max())  # are correlated)
+  ranks = attributes.evaluate(dataset, 'by_user', recent=3)
+  assert len(ranks) == len(dataset.splits['test']) and (ranks >= 0).all()
+
+  with pytest.raises(ValueError, match=r'hand.*extra.item_colour'):
+    attributes.item_attributes(hand_made)
+
+
+def test_rating_baselines_hand_computed(tmp_path):
+  from unimp_jax.baselines import ratings
+  # Leave-last-out trains on each user's first two ratings: item 0: 5 4 5, item 1: 3 3, item 2: 2.
+  sequences = [((0, 5), (1, 3), (2, 4), (3, 2)), ((0, 4), (2, 2), (1, 5), (3, 1)), ((1, 3), (0, 5), (3, 1), (2, 4))]
+  items = [formats.Item(source_id=f'item-{i}') for i in range(4)]
+  users = [formats.User(f'user-{u}', tuple(formats.Interaction(item=i, rating=r, timestamp=t)
+                                            for t, (i, r) in enumerate(seq))) for u, seq in enumerate(sequences)]
+  formats.write_dataset(str(tmp_path / 'rated'), name='rated', items=items, images=[None] * 4, users=users,
+                        image_size=4, split_seed=0)
+  dataset = formats.UnifiedDataset(str(tmp_path / 'rated'))
+  mean = 22 / 6
+  train = ratings.training_ratings(dataset, 'leave_last_out')
+  assert train[1].mean() == pytest.approx(mean)
+  histories, targets, true = ratings.stage_ratings(dataset, 'leave_last_out', 'test')
+  np.testing.assert_array_equal(targets, [3, 3, 2])
+  np.testing.assert_array_equal(true, [2, 1, 4])
+  # b_item = 1, -2/3, -5/3, 0 (no ratings). User 0's residuals on items 0, 1, 2: 1/3, 0, 2, so with
+  # shrink_user = 1: b_user = (7/3) / 4; the target (item 3) has no bias: 22/6 + 7/12.
+  predicted = ratings.bias_predictions(train, histories, targets, 4, shrink_item=0.0, shrink_user=1.0)
+  assert predicted[0] == pytest.approx(mean + 7 / 12)
+  predictions, true_again = ratings.predict(dataset, 'leave_last_out')
+  np.testing.assert_array_equal(true_again, true)
+  errors = np.asarray([2, 1, 4]) - mean
+  m = ratings.metrics(predictions['global mean'], true)
+  assert m['RMSE (expected)'] == pytest.approx(np.sqrt(np.mean(errors ** 2)))
+  assert m['MAE (expected)'] == pytest.approx(np.mean(np.abs(errors)))
+  assert m['MAE (argmax)'] == pytest.approx((2 + 3 + 0) / 3)  # the mean 3.67 rounds to 4

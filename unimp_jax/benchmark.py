@@ -3,8 +3,8 @@
   python -m unimp_jax.benchmark --dataset fashion --workdir workdir/bench-fashion
   python -m unimp_jax.benchmark --dataset movielens --workdir workdir/bench-ml100k [--cache ~/.cache/unimp_jax]
 
-`fashion` is the embedded dataset (built if missing; its oracle and colour-blind ceilings are reported
-next to the models). `movielens` is real MovieLens-100K, taken from the RecBole 1.2.1 wheel with
+`fashion` is the embedded dataset (built if missing; its oracle and colour-blind ceilings, and the
+attribute ceiling of unimp_jax.baselines.attributes, are reported next to the models). `movielens` is real MovieLens-100K, taken from the RecBole 1.2.1 wheel with
 `pip download --no-deps` into `--cache` (never imported, never committed): text-only items, so UniMP
 runs without pictures there, on recommendation and rating.
 
@@ -27,6 +27,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unimp_jax import baselines
+from unimp_jax.baselines import attributes
+from unimp_jax.baselines import ratings as rating_baselines
 from unimp_jax.data import movielens, pipeline
 from unimp_jax.eval import evaluate, ranking
 from unimp_jax.train import report, trainer
@@ -101,11 +103,20 @@ def main(argv):
     trainer.say(f'==== {baseline} ====')
     ranks = baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed)
     results[baseline] = {'recommendation': {'users': len(ranks), **ranking.ranking_metrics(ranks)}}
+  predicted, true = rating_baselines.predict(dataset, base.data.split)
+  for baseline, values in predicted.items():
+    results[baseline] = {'preference': {'users': len(true), **rating_baselines.metrics(values, true)}}
   extra = dataset.manifest['extra']
   ceilings = {}
   if 'oracle_hr@10' in extra:
     ceilings = {'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
                 'colour-blind oracle HR@10 (true tastes without colour)': extra['colour_blind_hr@10']}
+    # Every item has a picture, so a prompt shows the last num_images history items (fewer if the text
+    # runs out of seq_len): the best a perfect reader of those items' attributes can do.
+    window = base.data.num_images
+    for recent, label in ((window, f'last {window} items, as a prompt shows them'), (None, 'whole history')):
+      ranks = attributes.evaluate(dataset, base.data.split, recent=recent)
+      ceilings[f'attribute ceiling HR@10 ({label})'] = ranking.ranking_metrics(ranks)['HR@10']
   report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
   text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed,
                   f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}')

@@ -51,11 +51,14 @@ def rating_metrics(probs, true) -> dict[str, float]:
   if (probs < 0).any() or not np.isfinite(probs).all() or (totals <= 0).any():
     raise ValueError('every row of probs must be finite, non-negative and not all zero (pass probabilities, '
                      'not logits)')
-  argmax = RATINGS[probs.argmax(1)]
-  expected = (probs / totals[:, None]) @ RATINGS
+  return rating_errors(true, argmax=RATINGS[probs.argmax(1)], expected=(probs / totals[:, None]) @ RATINGS)
+
+
+def rating_errors(true, **predictions) -> dict[str, float]:
+  """{'RMSE (name)', 'MAE (name)'} of each named prediction [N] against the true ratings [N]."""
   out = {}
-  for name, predicted in (('argmax', argmax), ('expected', expected)):
-    error = predicted - true
+  for name, predicted in predictions.items():
+    error = np.asarray(predicted, np.float64) - true
     out[f'RMSE ({name})'] = float(np.sqrt(np.mean(error ** 2)))
     out[f'MAE ({name})'] = float(np.mean(np.abs(error)))
   return out

@@ -148,14 +148,15 @@ def benchmark_markdown(dataset_name: str, cfg, results: dict[str, dict], ceiling
   """unimp_jax.benchmark's report: one table per task (methods x metrics), ceilings, throughput."""
   sections = [f'# Benchmark: {dataset_name}', f'Produced by `{command}`.',
               f'UniMP preset: {cfg.train.steps} steps, batch {cfg.data.batch_size}, seq_len {cfg.data.seq_len}, '
-              f'split `{cfg.data.split}`, test users. The baselines see item IDs only (no queries, pictures '
-              f'or text), so they are scored on recommendation.']
+              f'split `{cfg.data.split}`, test users. The recommendation baselines see item IDs only (no '
+              f'queries, pictures or text); the rating baselines see ratings only: they are scored on '
+              f'recommendation and on the rating columns of preference.']
   for task in ('recommendation', 'search', 'preference', 'selection'):
     scored = [(n, r[task]) for n, r in results.items() if task in r]
     if not scored:
       continue
     keys = BENCHMARK_METRICS if task in ('recommendation', 'search') else [k for k in scored[0][1] if k != 'users']
-    rows = [[n, m['users'], *[m.get(k, float('nan')) for k in keys]] for n, m in scored]
+    rows = [[n, m['users'], *[m.get(k, '') for k in keys]] for n, m in scored]
     if task == 'recommendation':
       rows += [[f'*{label}*', '', *[value if k == 'HR@10' else '' for k in keys]] for label, value in ceilings.items()]
     sections += [f'## {task}', table(['method', 'users', *keys], rows)]
