@@ -24,7 +24,8 @@ def test_markdown_and_plot(tmp_path):
                                    {'model': 'UniMP atomic ids', 'full': 50.0, 'paper': 5.0},
                                    'python -m unimp_jax.benchmark --dataset fashion --workdir W')
   for needle in ('## recommendation', '## search', '## preference', '## selection', '| UniMP text only |',
-                 '| popularity |', '*oracle HR@10*', '| 10.0000 |', 'BLEU-4', 'hr10.png'):
+                 '| popularity |', '*oracle HR@10*', '| 10.0000 |', 'HR@10 s.e.',
+                 '| 0.0324 |', 'BLEU-4', 'hr10.png'):  # 0.0324 = sqrt(0.3 * 0.7 / 200), HR@10's s.e.
     assert needle in text, needle
   path = str(tmp_path / 'hr10.png')
   report.plot_benchmark(path, results, ceilings)

@@ -118,19 +118,30 @@ print('RESULT', json.dumps(dict(last_step=run.last_step, item_tokens=list(run.bu
 """
 
 
-def _train(workdir, data, steps, *overrides):
+SEMANTIC = ('data.item_ids=semantic', 'data.semantic.levels=2', 'data.semantic.codebook=8',
+            'data.semantic.max_collisions=16')
+
+
+@pytest.fixture(scope='module')
+def trained(dataset, tmp_path_factory):
+  """Two 2-step training runs, semantic ids and text only, in processes side by side (both mostly compile)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device: fastest to compile
-  proc = subprocess.run([sys.executable, '-c', TRAIN, str(workdir), data, str(steps), *overrides], env=env,
-                        cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-  line = next(line for line in proc.stdout.splitlines() if line.startswith('RESULT '))
-  return json.loads(line[len('RESULT '):])
+  runs = {name: (tmp_path_factory.mktemp(name), overrides) for name, overrides in
+          (('semantic', SEMANTIC), ('text', ('data.item_content=text',)))}
+  procs = {name: subprocess.Popen([sys.executable, '-c', TRAIN, str(workdir), dataset.path, '2', *overrides],
+                                  env=env, cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for name, (workdir, overrides) in runs.items()}
+  results = {}
+  for name, proc in procs.items():
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith('RESULT '))
+    results[name] = (str(runs[name][0]), json.loads(line[len('RESULT '):]))
+  return results
 
 
-def test_training_with_semantic_ids(dataset, tmp_path):
-  semantic = ('data.item_ids=semantic', 'data.semantic.levels=2', 'data.semantic.codebook=8',
-              'data.semantic.max_collisions=16')
-  out = _train(tmp_path, dataset.path, 2, *semantic)
+def test_training_with_semantic_ids(dataset, trained):
+  tmp_path, out = trained['semantic']
   assert out['last_step'] == 2 and out['item_tokens'] == [80, 3] and out['uses_images']
   losses = [r['loss'] for r in report.read_metrics(os.path.join(tmp_path, 'metrics.jsonl'))]
   assert len(losses) == 2 and all(np.isfinite(losses))
@@ -138,14 +149,14 @@ def test_training_with_semantic_ids(dataset, tmp_path):
   with open(os.path.join(tmp_path, semantic_ids.CODES_FILE)) as f:
     saved = json.load(f)
   assert saved['source'] == 'towers'
-  cfg = config_lib.load('configs/tiny.py', (f'data.path={dataset.path}', *semantic))
+  cfg = config_lib.load('configs/tiny.py', (f'data.path={dataset.path}', *SEMANTIC))
   builder = pipeline.make_builder(cfg, dataset, str(tmp_path))
   np.testing.assert_array_equal(builder.item_codes, saved['codes'])
   assert cfg.model.lm.added_vocab_size == out['added']
 
 
-def test_training_text_only(dataset, tmp_path):
-  out = _train(tmp_path, dataset.path, 2, 'data.item_content=text')
+def test_training_text_only(trained):
+  tmp_path, out = trained['text']
   assert out['last_step'] == 2 and out['item_tokens'] == [80, 1] and not out['uses_images']
   losses = [r['loss'] for r in report.read_metrics(os.path.join(tmp_path, 'metrics.jsonl'))]
   assert len(losses) == 2 and all(np.isfinite(losses))

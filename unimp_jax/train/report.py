@@ -155,11 +155,17 @@ def benchmark_markdown(dataset_name: str, cfg, results: dict[str, dict], ceiling
     scored = [(n, r[task]) for n, r in results.items() if task in r]
     if not scored:
       continue
-    keys = BENCHMARK_METRICS if task in ('recommendation', 'search') else [k for k in scored[0][1] if k != 'users']
+    ranked = task in ('recommendation', 'search')
+    keys = BENCHMARK_METRICS if ranked else [k for k in scored[0][1] if k != 'users']
     rows = [[n, m['users'], *[m.get(k, '') for k in keys]] for n, m in scored]
+    header = ['method', 'users', *keys]
+    if ranked:  # binomial standard error of HR@10: what a difference between two rows has to beat
+      header.append('HR@10 s.e.')
+      for row, (_, m) in zip(rows, scored):
+        row.append(math.sqrt(m['HR@10'] * (1 - m['HR@10']) / m['users']))
     if task == 'recommendation':
-      rows += [[f'*{label}*', '', *[value if k == 'HR@10' else '' for k in keys]] for label, value in ceilings.items()]
-    sections += [f'## {task}', table(['method', 'users', *keys], rows)]
+      rows += [[f'*{label}*', '', *[value if k == 'HR@10' else '' for k in keys], ''] for label, value in ceilings.items()]
+    sections += [f'## {task}', table(header, rows)]
   if speed:
     sections += [f'## Evaluation throughput ({speed["model"]}, recommendation, same users, one process)', table(
         ['method', 'users/s'], [['full-catalogue ranking (one forward pass)', speed['full']],
