@@ -35,6 +35,7 @@ from unimp_jax.eval import ranking
 
 SMOOTHING = 0.05
 ITERATIONS = 50  # L-BFGS steps; 9 weights converge well before
+NUM_FEATURES = 9
 
 
 def item_attributes(dataset: formats.UnifiedDataset) -> dict[str, np.ndarray]:
@@ -74,11 +75,8 @@ def _scores(w, stats, attrs, popularity):
   return sum(wk * f for wk, f in zip(w, features))
 
 
-NUM_FEATURES = 9
-
-
 def _windows(sequences: list[np.ndarray], recent: int | None):
-  """(histories, next items, bought-before masks) of every position after the first of each sequence."""
+  """(histories, next items, items bought before) at every position after the first of each sequence."""
   histories, targets, seen = [], [], []
   for seq in sequences:
     for t in range(1, len(seq)):
