@@ -29,13 +29,18 @@ from unimp_jax.eval import ranking
 NAMES = ('popularity', 'cooccurrence', 'sasrec')
 
 
-def training_sequences(dataset: formats.UnifiedDataset, split: str) -> list[np.ndarray]:
-  """Item-id sequences (chronological, int64) the baselines are fitted on; see the module docstring."""
-  sequences = []
+def training_interactions(dataset: formats.UnifiedDataset, split: str) -> list[tuple[formats.Interaction, ...]]:
+  """Per training user, the interactions (chronological) the baselines are fitted on; see the module docstring."""
+  out = []
   for u in pipeline.split_users(dataset, split, 'train'):
-    items = np.asarray([i.item for i in dataset.user(int(u)).interactions], np.int64)
-    sequences.append(items[:len(items) - 2] if split == 'leave_last_out' else items)
-  return sequences
+    inters = dataset.user(int(u)).interactions
+    out.append(inters[:len(inters) - 2] if split == 'leave_last_out' else inters)
+  return out
+
+
+def training_sequences(dataset: formats.UnifiedDataset, split: str) -> list[np.ndarray]:
+  """The item ids (int64) of `training_interactions`."""
+  return [np.asarray([i.item for i in inters], np.int64) for inters in training_interactions(dataset, split)]
 
 
 def stage_examples(dataset: formats.UnifiedDataset, split: str, stage: str):

@@ -8,8 +8,8 @@
                 it, not only the part that fits a prompt). The two shrinkages are chosen on the validation
                 users from SHRINKAGES.
 
-Training ratings are the interactions `unimp_jax.baselines.training_sequences` trains on: all of the
-train users' (by_user), or every user's first n-2 (leave_last_out). Users with an unrated interaction
+Training ratings are those of `unimp_jax.baselines.training_interactions`: all of the train users'
+interactions (by_user), or every user's first n-2 (leave_last_out). Users with an unrated interaction
 are skipped, as UniMP's evaluation skips them (`TaskBuilder.available('preference', ...)`).
 Each baseline predicts one real number: it is scored as the expected rating, and rounded as the argmax.
 """
@@ -20,10 +20,10 @@ import itertools
 
 import numpy as np
 
+from unimp_jax import baselines
 from unimp_jax.data import formats, pipeline
 from unimp_jax.eval import metrics as metrics_lib
 
-NAMES = ('global mean', 'biases')
 SHRINKAGES = (0.0, 1.0, 3.0, 10.0, 30.0)
 
 
@@ -35,17 +35,11 @@ def _rated_users(dataset: formats.UnifiedDataset, split: str, stage: str):
 
 
 def training_ratings(dataset: formats.UnifiedDataset, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(item ids, ratings) of every training interaction that has a rating."""
-  items, ratings = [], []
-  for u in pipeline.split_users(dataset, split, 'train'):
-    inters = dataset.user(int(u)).interactions
-    for i in inters[:len(inters) - 2] if split == 'leave_last_out' else inters:
-      if i.rating is not None:
-        items.append(i.item)
-        ratings.append(i.rating)
-  if not ratings:
+  """(item ids, ratings) of every rated interaction in `baselines.training_interactions`."""
+  rated = [i for inters in baselines.training_interactions(dataset, split) for i in inters if i.rating is not None]
+  if not rated:
     raise ValueError(f'{dataset.path}: no rated training interactions for the {split} split')
-  return np.asarray(items, np.int64), np.asarray(ratings, np.float64)
+  return np.asarray([i.item for i in rated], np.int64), np.asarray([i.rating for i in rated], np.float64)
 
 
 def stage_ratings(dataset: formats.UnifiedDataset, split: str, stage: str):
@@ -62,6 +56,8 @@ def stage_ratings(dataset: formats.UnifiedDataset, split: str, stage: str):
 
 
 def bias_predictions(train, histories, items, num_items: int, shrink_item: float, shrink_user: float):
+  """float [N]: the bias predictor (module docstring) fitted on `train` = (item ids, ratings), for each
+  (history items, history ratings) pair and target item."""
   train_items, train_ratings = train
   mean = train_ratings.mean()
   sums = np.bincount(train_items, train_ratings - mean, minlength=num_items)
