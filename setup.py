@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    'test': ['pytest==9.2.0'],
+    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],  # the suite runs in 2 processes (README)
     # Hugging Face parity tests and export checks run transformers' PyTorch modules. Exactly this
     # version: it is a CPU build; any other pulls a multi-GB CUDA build.
     'hf': ['torch==2.13.0'],
