@@ -108,12 +108,15 @@ def main(argv):
     results[baseline] = {'preference': {'users': len(true), **rating_baselines.metrics(values, true)}}
   extra = dataset.manifest['extra']
   ceilings = {}
-  if 'oracle_hr@10' in extra:
+  if name == 'fashion':
     ceilings = {'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
                 'colour-blind oracle HR@10 (true tastes without colour)': extra['colour_blind_hr@10']}
     # Every item has a picture, so a prompt shows the last num_images history items (fewer if the text
-    # runs out of seq_len): the best a perfect reader of those items' attributes can do.
+    # runs out of seq_len): ItemKNN and the attribute ceiling given that same window, too.
     window = base.data.num_images
+    ranks = baselines.evaluate('cooccurrence', dataset, base.data.split, recent=window)
+    results[f'cooccurrence, last {window} items'] = {
+        'recommendation': {'users': len(ranks), **ranking.ranking_metrics(ranks)}}
     for recent, label in ((window, f'last {window} items, as a prompt shows them'), (None, 'whole history')):
       ranks = attributes.evaluate(dataset, base.data.split, recent=recent)
       ceilings[f'attribute ceiling HR@10 ({label})'] = ranking.ranking_metrics(ranks)['HR@10']
