@@ -4,9 +4,10 @@
   python -m unimp_jax.benchmark --dataset movielens --workdir workdir/bench-ml100k [--cache ~/.cache/unimp_jax]
 
 `fashion` is the embedded dataset (built if missing; its oracle and colour-blind ceilings, and the
-attribute ceiling of unimp_jax.baselines.attributes, are reported next to the models). `movielens` is real MovieLens-100K, taken from the RecBole 1.2.1 wheel with
-`pip download --no-deps` into `--cache` (never imported, never committed): text-only items, so UniMP
-runs without pictures there, on recommendation and rating.
+attribute ceiling of unimp_jax.baselines.attributes, are reported next to the models). `movielens` is
+real MovieLens-100K, taken from the RecBole 1.2.1 wheel with `pip download --no-deps` into `--cache`
+(never imported, never committed): text-only items, so UniMP runs without pictures there, on
+recommendation and rating.
 
 Every UniMP variant is trained with the main job's trainer in WORKDIR/<variant> (rerunning resumes or
 reuses the finished checkpoints) and scored by unimp_jax.eval.evaluate; the baselines by
