@@ -43,13 +43,18 @@ def training_sequences(dataset: formats.UnifiedDataset, split: str) -> list[np.n
   return [np.asarray([i.item for i in inters], np.int64) for inters in training_interactions(dataset, split)]
 
 
+def stage_users(dataset: formats.UnifiedDataset, split: str, stage: str):
+  """(user, target position) of each of the stage's users, in `split_users` order."""
+  for u in pipeline.split_users(dataset, split, stage):
+    user = dataset.user(int(u))
+    yield user, pipeline.target_position(len(user.interactions), split, stage, None)
+
+
 def stage_examples(dataset: formats.UnifiedDataset, split: str, stage: str):
   """(histories, targets, seen) of the stage's users, in `split_users` order: each history is the items
   before the target, `targets` the target item ids, `seen` the items excluded from each user's ranking."""
   histories, targets, seen = [], [], []
-  for u in pipeline.split_users(dataset, split, stage):
-    user = dataset.user(int(u))
-    target = pipeline.target_position(len(user.interactions), split, stage, None)
+  for user, target in stage_users(dataset, split, stage):
     histories.append(np.asarray([i.item for i in user.interactions[:target]], np.int64))
     targets.append(user.interactions[target].item)
     seen.append(ranking.seen_before(user, target))

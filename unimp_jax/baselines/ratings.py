@@ -21,17 +21,10 @@ import itertools
 import numpy as np
 
 from unimp_jax import baselines
-from unimp_jax.data import formats, pipeline
+from unimp_jax.data import formats
 from unimp_jax.eval import metrics as metrics_lib
 
 SHRINKAGES = (0.0, 1.0, 3.0, 10.0, 30.0)
-
-
-def _rated_users(dataset: formats.UnifiedDataset, split: str, stage: str):
-  for u in pipeline.split_users(dataset, split, stage):
-    user = dataset.user(int(u))
-    if all(i.rating is not None for i in user.interactions):
-      yield user
 
 
 def training_ratings(dataset: formats.UnifiedDataset, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -45,8 +38,9 @@ def training_ratings(dataset: formats.UnifiedDataset, split: str) -> tuple[np.nd
 def stage_ratings(dataset: formats.UnifiedDataset, split: str, stage: str):
   """(histories as (items, ratings) pairs, target items, true ratings) of the stage's rated users."""
   histories, items, true = [], [], []
-  for user in _rated_users(dataset, split, stage):
-    target = pipeline.target_position(len(user.interactions), split, stage, None)
+  for user, target in baselines.stage_users(dataset, split, stage):
+    if any(i.rating is None for i in user.interactions):
+      continue
     earlier = user.interactions[:target]
     histories.append((np.asarray([i.item for i in earlier], np.int64),
                       np.asarray([i.rating for i in earlier], np.float64)))
