@@ -38,7 +38,7 @@ setup(
     version='0.1.0',
     description='UniMP: unified multi-modal personalization with a vision-language model, in JAX.',
     packages=find_packages(include=['unimp_jax', 'unimp_jax.*']),
-    package_data={'unimp_jax.data': ['assets/fashion_mnist/*']},
+    package_data={'unimp_jax.data': ['assets/fashion_mnist/*', 'assets/fashion_mnist_captions/*']},
     python_requires='>=3.11',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

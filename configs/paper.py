@@ -29,6 +29,9 @@ def get_config(arg='3b'):
                         act='quick_gelu')
   c.model.connector.update(num_latents=64, depth=6, num_heads=16, head_dim=64)
   c.model.lm.update(**LMS[arg])
+  # One row per item, as the paper: content rows (tiny's default) run the ViT-L over the whole catalogue
+  # every step; at this scale precompute item embeddings instead (data.item_ids=semantic).
+  c.model.item_embeddings = 'learned'
   c.mesh.update(data=1, fsdp=-1)
   c.data.update(batch_size=48, seq_len=1024, num_images=10)
   # With data.item_ids=semantic: TIGER's 3 levels of 256 codes (+ the collision level) for real catalogues.

@@ -93,12 +93,12 @@ def test_overfits_one_batch_and_stops_on_nan(setup):
   batch = setup[4]
   losses = []
   for _ in range(30):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, None)
     losses.append(float(metrics['loss']))
   assert losses[0] > 5.0 and losses[-1] < 1.0, losses
   assert all(np.isfinite(losses))
   before = jax.tree.map(np.asarray, state)
-  state, metrics = step(state, dict(batch, weight=np.full_like(batch['weight'], np.nan)))
+  state, metrics = step(state, dict(batch, weight=np.full_like(batch["weight"], np.nan)), None)
   assert not bool(metrics['finite'])
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
 
@@ -107,7 +107,7 @@ def test_frozen_parameters_stay_bit_identical(setup):
   state, step = _trainer(setup, freeze_patterns=(r'^vision/', r'^lm/head$', r'^lm/groups/layers/'))
   start = jax.tree.map(np.asarray, state['params'])
   for _ in range(5):
-    state, _ = step(state, setup[4])
+    state, _ = step(state, setup[4], None)
   end = jax.tree.map(np.asarray, state['params'])
   names = optim.param_names(start)
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), start, end)

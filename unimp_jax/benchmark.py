@@ -60,7 +60,7 @@ def users_per_second(run, cfg, method: str) -> float:
   compiles every prompt-length bucket)."""
   users = pipeline.split_users(run.builder.dataset, cfg.data.split, 'test')
   kw = dict(split=cfg.data.split, stage='test', batch_size=cfg.data.batch_size, ranking_method=method)
-  params = run.state['params']
+  params = run.params
   evaluate.task_rows(run.graphdef, params, run.builder, 'recommendation', users, **kw)
   start = time.perf_counter()
   evaluate.task_rows(run.graphdef, params, run.builder, 'recommendation', users, **kw)
@@ -89,13 +89,13 @@ def main(argv):
     trainer.say(f'==== {variant} ({content}, {item_ids} ids) ====')
     run = trainer.train(cfg, os.path.join(workdir, _slug(variant)))
     runs[variant] = run
-    results[variant] = evaluate.evaluate(run.graphdef, run.state['params'], run.builder, split=cfg.data.split,
+    results[variant] = evaluate.evaluate(run.graphdef, run.params, run.builder, split=cfg.data.split,
                                          batch_size=cfg.data.batch_size, tasks_to_run=TASKS[name])
   # The paper's 10-beam protocol next to our ranking, and what each costs, on an atomic-id model.
   for variant in ('UniMP', ATOMIC[name]):
     run = runs[variant]
     results[f'{variant}, paper protocol (10 beams)'] = evaluate.evaluate(
-        run.graphdef, run.state['params'], run.builder, split=base.data.split, batch_size=base.data.batch_size,
+        run.graphdef, run.params, run.builder, split=base.data.split, batch_size=base.data.batch_size,
         tasks_to_run=('recommendation',), ranking_method='paper')
   atomic = runs[ATOMIC[name]]
   speed = {'model': ATOMIC[name], **{m: users_per_second(atomic, base, m) for m in ('full', 'paper')}}

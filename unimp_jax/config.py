@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from unimp_jax.data import pipeline, semantic_ids, tasks
+from unimp_jax.model import items
 from unimp_jax.sharding import mesh as mesh_lib
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -54,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
       norm_eps=1e-6, tie_embeddings=False, qkv_bias=False,  # qkv_bias: Qwen2's q/k/v projections
       cross_attn_every=2, media_mask='previous', alpha_type='float', alpha_init=0.0, qk_norm=False))
   c.model.image_token_id = c.model.lm.get_ref('vocab_size')
+  # 'content': an item token's embedding and head row are computed from the item's picture and text by
+  # the model's own towers (unimp_jax.model.items), so items are ranked by what they are and new items
+  # can be ranked at all; 'learned': one free row per item (the paper's default). Atomic ids only.
+  c.model.item_embeddings = 'learned'
 
   # Local Hugging Face directories to start from (unimp_jax.hf.load): a CLIP vision tower and/or a
   # Llama-family LM, or a whole IDEFICS model. Their config.json sets the architecture of what they fill.
@@ -167,6 +172,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
          'proportions must be >= 0 and not all 0')
   _check_choice(cfg, 'data.item_content', tasks.ITEM_CONTENTS)
   _check_choice(cfg, 'data.item_ids', ITEM_IDS)
+  _check_choice(cfg, 'model.item_embeddings', items.ITEM_EMBEDDINGS)
+  if m.item_embeddings == 'content':
+    _check(cfg.data.item_ids == 'atomic', 'model.item_embeddings',
+           "'content' rows are rows of atomic item tokens; with data.item_ids='semantic' set it to 'learned'")
+    _check(cfg.data.item_content != 'ids', 'model.item_embeddings',
+           "'content' rows need the items' text or pictures; with data.item_content='ids' set it to 'learned'")
   sem = cfg.data.semantic
   _check(sem.levels >= 1, 'data.semantic.levels', f'{sem.levels}: needs at least 1 k-means level')
   _check(sem.codebook >= 2, 'data.semantic.codebook', f'{sem.codebook}: needs at least 2 codes per level')
@@ -234,5 +245,6 @@ def num_params_analytic(model_cfg) -> dict[str, int]:
       + (2 * hd if lm.qk_norm else 0))
   embeddings = vocab * w * (1 if lm.tie_embeddings else 2)
   language = embeddings + decoder + cross + w
-  return dict(vision=vision, connector=connector, lm=language, cross_attention=cross,
-              total=vision + connector + language)
+  item_encoder = (w * w + d * w) if model_cfg.item_embeddings == 'content' else 0  # two projections, no bias
+  return dict(vision=vision, connector=connector, lm=language, cross_attention=cross, items=item_encoder,
+              total=vision + connector + language + item_encoder)

@@ -42,7 +42,7 @@ def main(argv):
     return
 
   # ---- evaluate every trained task on users never seen in training ------------------------------------
-  builder, params = run.builder, run.state['params']
+  builder, params = run.builder, run.params
   trained = [t for t in evaluate.EVAL_TASKS if cfg.data.tasks[t] > 0]
   results = evaluate.evaluate(run.graphdef, params, builder, split=cfg.data.split, batch_size=cfg.data.batch_size,
                               tasks_to_run=trained)
@@ -51,7 +51,7 @@ def main(argv):
             {k: v for k, v in m.items() if k != 'users'} for task, m in results.items()}
 
   # ---- a gallery: a few test users' histories next to what the model recommends --------------------------
-  predictor = predictor_lib.Predictor(cfg, run.graphdef, params, builder.dataset, workdir)
+  predictor = predictor_lib.Predictor(cfg, run.graphdef, run.state['params'], builder.dataset, workdir)
   rows = []
   for u in pipeline.split_users(builder.dataset, cfg.data.split, 'test')[:GALLERY_USERS]:
     user = builder.dataset.user(int(u))

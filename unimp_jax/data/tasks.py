@@ -63,6 +63,26 @@ class Example:
   target: np.ndarray        # int32 [4]: item id | rating | positive slot bitmask, -1 where not used
 
 
+@dataclasses.dataclass(frozen=True)
+class Catalogue:
+  """Every item's content in item-id order, what content item rows are computed from
+  (unimp_jax.model.items): `text` [N, L] int32 token ids padded with `pad_id`, `images` [N, H, W, 3]
+  uint8 (None when the run shows no pictures), `has_image` [N] bool, and `first_row`, the
+  added-vocabulary row of `item_0`."""
+  text: np.ndarray
+  has_image: np.ndarray
+  images: np.ndarray | None
+  first_row: int
+  pad_id: int
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """What a jitted function takes (`pad_id` is the tokens' own pad id there)."""
+    out = {'text': self.text, 'has_image': self.has_image, 'first_row': np.int32(self.first_row)}
+    if self.images is not None:
+      out['images'] = self.images
+    return out
+
+
 def answer_mask(tokens: np.ndarray, ids: TokenIds, pad_id: int) -> np.ndarray:
   """True for every token after an `<answer>` up to and including the next `<|endofchunk|>` (history
   spans) or through the end of sequence (the final answer); never `<answer>` itself or padding."""
@@ -118,6 +138,18 @@ class TaskBuilder:
     self._item_body = ([self._encode(self.item_line(it)) for it in dataset.items] if item_content != 'ids'
                        else list(self.item_tokens))
     self._cache: dict[str, np.ndarray] = {}  # fixed strings only: instructions and headers
+
+  def catalogue(self) -> Catalogue:
+    """The catalogue's pictures and item-line tokens, as the item chunks show them."""
+    if self.item_content == 'ids':
+      raise ValueError("content item rows need the items' text or pictures; data.item_content is 'ids'")
+    bodies = self._item_body[:self.ids.num_items]  # items with an id token (not a prediction's new items)
+    text = np.full((len(bodies), max(len(b) for b in bodies)), self.pad, np.int32)
+    for i, body in enumerate(bodies):
+      text[i, :len(body)] = body
+    images = self.dataset.images(np.arange(len(bodies))) if self.uses_images else None
+    return Catalogue(text=text, has_image=self._has_image[:len(bodies)].copy(), images=images,
+                     first_row=self.ids.item_range[0] - self.ids.base_vocab_size, pad_id=self.pad)
 
   def _encode(self, text: str) -> np.ndarray:
     return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)

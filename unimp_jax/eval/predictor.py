@@ -22,7 +22,7 @@ from flax import nnx
 from unimp_jax import config as config_lib
 from unimp_jax.data import formats, images as images_lib, pipeline, tasks
 from unimp_jax.eval import evaluate, generate
-from unimp_jax.model import unimp, vision
+from unimp_jax.model import items, unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
 
@@ -94,8 +94,10 @@ class Predictor:
   """A trained model, its task builder and compiled functions, ready to answer for any history."""
 
   def __init__(self, cfg, graphdef, params, dataset: formats.UnifiedDataset, workdir: str):
-    self.cfg, self.graphdef, self.params, self.dataset, self.workdir = cfg, graphdef, params, dataset, workdir
+    """`params` as trained (a checkpoint's); content item rows are written in here (model.items)."""
+    self.cfg, self.graphdef, self.dataset, self.workdir = cfg, graphdef, dataset, workdir
     self.builder = pipeline.make_builder(cfg, dataset, workdir)
+    self.params = items.inference_params(graphdef, params, self.builder)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> 'Predictor':

@@ -67,8 +67,11 @@ def hf_config(model_cfg, tokenizer, *, lm_only: bool):
 
 
 def hf_tensors(model_cfg, params, *, lm_only: bool):
-  """(HF name, array) pairs for our params (a nested pure dict); a parameter without an HF name is an error."""
-  flat = traversals.flatten_mapping(params)
+  """(HF name, array) pairs for our params (a nested pure dict); a parameter without an HF name is an error.
+
+  With content item rows the params must be the Predictor's, whose item rows hold the content rows: the
+  item encoder that made them (`items/...`) is then not needed by the exported model and stays behind."""
+  flat = {k: v for k, v in traversals.flatten_mapping(params).items() if k[0] != 'items'}
   if lm_only:  # the added rows join the base ones; the towers and the cross-attention stay behind
     rules, flat = mapping.causal_lm_rules(model_cfg.lm), mapping.causal_lm_params(flat, model_cfg.lm)
     flat = {k: v for k, v in flat.items() if k[0] == 'lm' and k[:3] != ('lm', 'groups', 'cross')

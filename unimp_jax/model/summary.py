@@ -40,7 +40,7 @@ def abstract_specs(cfg, num_devices: int):
 def summarize(cfg, num_devices: int, per_param: bool = True) -> str:
   specs, shape = abstract_specs(cfg, num_devices)
   counts = {name: sum(math.prod(s[0]) for p, s in specs.items() if p[0] == name)
-            for name in ('vision', 'connector', 'lm')}
+            for name in ('vision', 'connector', 'lm', 'items')}
   counts['total'] = sum(counts.values())
   analytic = config_lib.num_params_analytic(cfg.model)
   lines = [f'mesh (data, fsdp, tensor) = {shape}']

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimp_jax.model.connector import PerceiverResampler
+from unimp_jax.model.items import ItemEncoder
 from unimp_jax.model.lm import LanguageModel
 from unimp_jax.model.vision import VisionEncoder
 from unimp_jax.sharding import mesh as mesh_lib
@@ -56,6 +57,9 @@ class UniMP(nnx.Module):
     self.lm = LanguageModel(cfg.lm, cfg.vision.width, **kw)
     self.image_token_id, self.media_mask = int(cfg.image_token_id), cfg.lm.media_mask
     self.num_latents = cfg.connector.num_latents
+    # Content rows for item tokens (unimp_jax.model.items); None: the item rows are learned.
+    self.items = (ItemEncoder(cfg.lm.width, cfg.vision.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  if cfg.item_embeddings == 'content' else None)
 
   def encode_images(self, images_bnhwc: jax.Array) -> jax.Array:
     """images [B, N, H, W, C] -> latents [B, N * num_latents, vision width]."""

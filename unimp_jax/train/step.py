@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from unimp_jax.data import tasks
-from unimp_jax.model import vision
+from unimp_jax.model import items, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import loss as loss_lib
 
@@ -49,27 +49,29 @@ def state_shardings(abstract_params, tx, mesh, rules):
 
 
 def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
-  """`(params, batch) -> (grads, sums)`: mean gradient over the batch's supervised tokens, accumulated
-  over `train.microbatches` micro-batches by `lax.scan` (sums first, one division at the end)."""
+  """`(params, batch, catalogue=None) -> (grads, sums)`: mean gradient over the batch's supervised
+  tokens, accumulated over `train.microbatches` micro-batches by `lax.scan` (sums first, one division at
+  the end). `catalogue` (TaskBuilder.catalogue().arrays()) feeds content item rows (unimp_jax.model.items)."""
   num_tasks = len(tasks.TASKS)
 
-  def objective(params, micro):
+  def objective(params, micro, catalogue):
     tokens = micro['tokens']
     images = vision.normalize(micro['images']) if 'images' in micro else None
+    params = items.with_item_rows(graphdef, params, catalogue, pad_id=pad_id)
     logits = nnx.merge(graphdef, params)(tokens, images, tokens != pad_id)
     out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
                                 num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss)
     return out['objective'], out
 
-  def gradients(params, batch):
+  def gradients(params, batch, catalogue=None):
     m = train_cfg.microbatches
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), step_inputs(batch))
 
     def accumulate(carry, mb):
-      (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params, mb)
+      (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params, mb, catalogue)
       return jax.tree.map(jnp.add, carry, (grads, out)), None
 
-    sums_shape = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], micro))[1])
+    sums_shape = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], micro), catalogue)[1])
     init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grad_sum, sums), _ = jax.lax.scan(accumulate, init, micro)
     return jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grad_sum), sums
@@ -78,16 +80,17 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
 
 
 def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding):
-  """`step(state, batch) -> (state, metrics)`, jitted, donating the old state.
+  """`step(state, batch, catalogue) -> (state, metrics)`, jitted, donating the old state;
+  `catalogue` as in `accumulated_gradients` (None for learned item rows).
 
   A non-finite loss or gradient leaves the state unchanged and reports `finite = False`; the trainer
   stops and keeps the last good checkpoint.
   """
   gradients = accumulated_gradients(graphdef, train_cfg, pad_id=pad_id)
 
-  def step(state, batch):
+  def step(state, batch, catalogue):
     params = state['params']
-    grads, sums = gradients(params, batch)
+    grads, sums = gradients(params, batch, catalogue)
     loss = sums['objective'] / jnp.maximum(sums['tokens'], 1.0)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -100,7 +103,7 @@ def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sh
       metrics[f'loss/{name}'] = jnp.where(sums['count'][i] > 0, per_task[i], jnp.nan)
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+  return jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
                  donate_argnums=(0,))
 
 

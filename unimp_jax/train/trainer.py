@@ -8,6 +8,7 @@ SIGTERM) continues with the same batches and, on CPU, bit-identical losses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from flax import nnx
 from unimp_jax import config as config_lib
 from unimp_jax.data import pipeline, tasks
 from unimp_jax.hf import pretrained as pretrained_lib
-from unimp_jax.model import unimp
+from unimp_jax.model import items, unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
 from unimp_jax.train import metrics as metrics_lib
@@ -43,6 +44,11 @@ class Run:
   builder: tasks.TaskBuilder
   last_step: int
   stopped_by_signal: bool
+
+  @functools.cached_property
+  def params(self) -> dict:
+    """The parameters to evaluate and predict with: content item rows written in (model.items)."""
+    return items.inference_params(self.graphdef, self.state['params'], self.builder)
 
 
 def say(message: str) -> None:
@@ -92,13 +98,18 @@ def train(cfg, workdir: str) -> Run:
 
   # ---- compile the step once; show its memory before step 0 ----------------------------------------------
   first = next(batches)
+  # Content item rows (unimp_jax.model.items) are computed from every item's picture and text each step.
+  catalogue = None
+  if cfg.model.item_embeddings == 'content':
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    catalogue = jax.device_put(builder.catalogue().arrays(), replicated)
   batch_spec = {k: v.ndim for k, v in step_lib.step_inputs(first).items()}
   train_step = step_lib.make_train_step(
       graphdef, tx, cfg.train, pad_id=builder.pad, shardings=shardings,
       batch_sharding=step_lib.batch_shardings(mesh, cfg.mesh.rules, batch_spec))
   with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
     global_first = pipeline.global_batch(step_lib.step_inputs(first), mesh, cfg.mesh.rules)
-    compiled = train_step.lower(state, global_first).compile()
+    compiled = train_step.lower(state, global_first, catalogue).compile()
   say(f'compiled train step memory: {compiled.memory_analysis()}')
   images_per_example = cfg.data.num_images if builder.uses_images else 0
   flops_per_step = metrics_lib.flops_per_example(cfg.model, cfg.data.seq_len, images_per_example)['total'] \
@@ -119,7 +130,7 @@ def train(cfg, workdir: str) -> Run:
       while step < cfg.train.steps and not stop['signal']:
         begin = time.perf_counter()
         batch = pipeline.global_batch(step_lib.step_inputs(local), mesh, cfg.mesh.rules)
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, catalogue)
         metrics = jax.device_get(metrics)
         seconds = time.perf_counter() - begin
         step += 1

@@ -1,0 +1,92 @@
+"""Item tokens whose embeddings are the items' content (`model.item_embeddings = 'content'`).
+
+With learned rows (`'learned'`, the paper's default) each `item_i` token has its own input-embedding and
+output-head row. They are trained only by the few examples that name the item, so at CPU scale they stay
+close to random: the model cannot tell two items apart by what they look like, every user gets the same
+popular items, and an item no training example named (a new, "cold" item) can never be ranked.
+
+With content rows, the row of `item_i` is computed from the item itself, through the model's own towers:
+
+    row_i = text_proj(mean of the LM's embeddings of the item's text)
+            + image_proj(mean of the connector's latents of the item's picture)   (items with a picture)
+
+and the same row is both the input embedding and the output-head row of `item_i` (the added-vocabulary
+rows of other tokens stay learned). A history chunk's `<answer> item_i` then carries the item's colour
+and kind into the LM's residual stream, and the recommendation logit of an item is the dot product of
+the answer position's state with that item's content: the model ranks items by what they are, the
+gradient of every item's logit trains the picture and text towers, and cold items are ranked like
+every other. The catalogue (every item's picture and text tokens) is an input of the train step; for
+inference `with_item_rows` writes the rows into the ordinary parameters once, so decoding, export and
+Hugging Face models see a plain embedding table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unimp_jax.model import layers, vision
+
+ITEM_EMBEDDINGS = ('learned', 'content')
+
+
+class ItemEncoder(nnx.Module):
+  """Projects an item's pooled text embeddings and pooled picture latents into LM-width rows."""
+
+  def __init__(self, lm_width: int, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.text_proj = layers.Dense(lm_width, lm_width, ('embed', 'mlp'), **kw)
+    self.image_proj = layers.Dense(vision_width, lm_width, ('embed', 'mlp'), **kw)
+
+  def __call__(self, text_nd: jax.Array, image_nd: jax.Array | None) -> jax.Array:
+    rows = self.text_proj(text_nd)
+    return rows if image_nd is None else rows + self.image_proj(image_nd)
+
+
+def _unit_rms(x_nd: jax.Array) -> jax.Array:
+  return x_nd * jax.lax.rsqrt(jnp.square(x_nd).mean(-1, keepdims=True) + 1e-6)
+
+
+def content_rows(model, arrays: dict[str, jax.Array], *, pad_id: int) -> jax.Array:
+  """[N, LM width] content rows of every item of the catalogue `arrays` (unimp_jax.data.tasks.Catalogue)."""
+  text_nl = arrays['text']
+  valid = (text_nl != pad_id)[..., None].astype(jnp.float32)
+  words = model.lm.embed_tokens(jnp.where(text_nl != pad_id, text_nl, 0)).astype(jnp.float32)
+  text = _unit_rms((words * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0))
+  image = None
+  if 'images' in arrays:
+    # Forward only: the towers learn from the pictures in prompts (cross-attention); a backward pass
+    # through every catalogue picture each step would cost more than the rest of the step.
+    latents = jax.lax.stop_gradient(model.encode_images(vision.normalize(arrays['images'])[:, None]))
+    image = _unit_rms(latents.astype(jnp.float32).mean(1)) * arrays['has_image'][:, None]
+  return model.items(text, image).astype(jnp.float32)
+
+
+def with_item_rows(graphdef, params: dict, catalogue: dict[str, jax.Array] | None, *, pad_id: int) -> dict:
+  """`params` with the item tokens' added-embedding (and head) rows replaced by their content rows.
+
+  Differentiable: the train step calls it inside the loss, so gradients reach the towers and the
+  projections through every item row. A model with learned rows (no `items` encoder) is returned as it
+  is; a model with content rows needs the `catalogue` arrays (unimp_jax.data.tasks.Catalogue.arrays).
+  """
+  if 'items' not in params:
+    return params
+  if catalogue is None:
+    raise ValueError("model.item_embeddings='content' needs the catalogue (TaskBuilder.catalogue().arrays())")
+  rows = content_rows(nnx.merge(graphdef, params), catalogue, pad_id=pad_id)
+  start = catalogue['first_row']
+  lm = dict(params['lm'])
+  lm['added_embed'] = jax.lax.dynamic_update_slice(lm['added_embed'], rows.astype(lm['added_embed'].dtype), (start, 0))
+  if 'added_head' in lm:
+    lm['added_head'] = jax.lax.dynamic_update_slice(lm['added_head'], rows.T.astype(lm['added_head'].dtype), (0, start))
+  return dict(params, lm=lm)
+
+
+def inference_params(graphdef, params: dict, builder) -> dict:
+  """`with_item_rows` computed once, for evaluation, prediction and export (a `TaskBuilder` supplies
+  the catalogue); the parameters themselves for a model with learned rows."""
+  if 'items' not in params:
+    return params
+  fn = jax.jit(lambda p, c: with_item_rows(graphdef, p, c, pad_id=builder.pad))
+  return fn(params, builder.catalogue().arrays())
