@@ -116,3 +116,11 @@ def test_selection_bad_input():
     metrics.selection_metrics([0b1000], _bools([1]))
   with pytest.raises(ValueError, match='slots but true'):
     metrics.selection_metrics(_bools([1, 2]), _bools([1]))
+
+
+def test_colour_agreement_counts_the_top_items_in_each_users_most_frequent_history_colour():
+  colour = np.asarray([0, 0, 1, 1, 2, 2])
+  histories = [np.asarray([0, 1, 2]), np.asarray([2, 3, 4, 5, 4])]  # favourites: 0, then 2 (beats 1 by count)
+  top = np.asarray([[0, 2, 4], [4, 5, 3]])
+  # user 0: 1 of 3 is colour 0; user 1: 2 of 3 are colour 2
+  assert metrics.colour_agreement(top, histories, colour) == pytest.approx((1 / 3 + 2 / 3) / 2)

@@ -25,11 +25,11 @@ def test_main_job_reports_every_task_and_predict_answers(tmp_path):
   synthetic.build(data, num_items=80, num_users=50, seed=3, image_size=32, bpe_vocab=600)
   workdir = str(tmp_path / 'run')
   _run('unimp_jax.main', '--config', 'configs/tiny.py', '--workdir', workdir, f'--config.data.path={data}',
-       '--config.train.steps=4', '--config.checkpoint.every=2')
+       '--config.train.steps=4', '--config.checkpoint.every=2', '--config.model.item_embeddings=content')
   with open(os.path.join(workdir, 'report.md')) as f:
     text = f.read()
   for section in ('## recommendation', '## search', '## preference', '## selection', 'gallery.png', 'HR', 'RMSE',
-                  'BLEU-4', 'ROUGE-L', 'F1'):
+                  'BLEU-4', 'ROUGE-L', 'F1', '## colour agreement@8', '| popularity |'):
     assert section in text, section
   assert Image.open(os.path.join(workdir, 'gallery.png')).size[0] > 200
 

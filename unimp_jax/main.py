@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unimp_jax.data import pipeline
-from unimp_jax.eval import evaluate, gallery, predictor as predictor_lib
+from unimp_jax import baselines
+from unimp_jax.eval import evaluate, gallery, metrics, predictor as predictor_lib
 from unimp_jax.train import report, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
@@ -63,6 +65,9 @@ def main(argv):
     gallery.write_gallery(os.path.join(workdir, 'gallery.png'), rows, builder.dataset)
 
   extra = builder.dataset.manifest['extra']
+  if 'item_colour' in extra and 'recommendation' in trained:
+    tables['colour agreement@8 (share of the top 8 in the user\'s most frequent history colour)'] = \
+        colour_table(predictor, cfg.data.split, extra['item_colour'])
   summary = {'steps': run.last_step, 'dataset': builder.dataset.path, 'items': len(builder.dataset.items),
              'users': builder.dataset.num_users, 'parameters': sum(x.size for x in jax.tree.leaves(params))}
   if 'oracle_hr@10' in extra:
@@ -75,6 +80,20 @@ def main(argv):
   if jax.process_index() == 0:
     with open(path) as f:
       print(f.read())
+
+
+def colour_table(predictor, split: str, item_colour, k: int = 8) -> dict[str, float]:
+  """Colour agreement@k of UniMP's and popularity's top k for every test user, earlier items excluded."""
+  dataset = predictor.dataset
+  histories, _, seen = baselines.stage_examples(dataset, split, 'test')
+  ours = np.asarray([[item for item, _ in predictor.recommend(list(h), k)] for h in histories])
+  popular = baselines.scores('popularity', baselines.training_sequences(dataset, split), histories, len(dataset.items))
+  for row, items in enumerate(seen):
+    popular[row, items] = -np.inf
+  top_popular = np.argsort(-popular, axis=1, kind='stable')[:, :k]
+  return {'UniMP': metrics.colour_agreement(ours, histories, item_colour),
+          'popularity': metrics.colour_agreement(top_popular, histories, item_colour),
+          'test users': len(histories)}
 
 
 if __name__ == '__main__':

@@ -118,3 +118,13 @@ def selection_metrics(predicted, true) -> dict[str, float]:
   f1 = np.where(hits > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
   return {'precision': float(precision.mean()), 'recall': float(recall.mean()), 'F1': float(f1.mean()),
           'exact-set accuracy': float((predicted == true).all(1).mean())}
+
+
+def colour_agreement(top_items: np.ndarray, histories: list[np.ndarray], item_colour: np.ndarray) -> float:
+  """Share of recommended items (`top_items` [users, K]) in each user's most frequent history colour
+  (ties: the lowest colour index), averaged over users: "colour agreement@K". It reads the embedded
+  dataset's hidden colours (`extra.item_colour`), so it shows whether a ranker follows what only the
+  pictures show; a ranker blind to colour scores about the catalogue share of that colour."""
+  item_colour = np.asarray(item_colour)
+  favourite = np.asarray([np.bincount(item_colour[h], minlength=item_colour.max() + 1).argmax() for h in histories])
+  return float((item_colour[np.asarray(top_items)] == favourite[:, None]).mean())

@@ -7,8 +7,8 @@ popular items, and an item no training example named (a new, "cold" item) can ne
 
 With content rows, the row of `item_i` is computed from the item itself, through the model's own towers:
 
-    row_i = text_proj(mean of the LM's embeddings of the item's text)
-            + image_proj(mean of the connector's latents of the item's picture)   (items with a picture)
+    row_i = text_proj(standardise(mean of the LM's embeddings of the item's text))
+            + image_proj(standardise(mean of the connector's latents of the item's picture))
 
 and the same row is both the input embedding and the output-head row of `item_i` (the added-vocabulary
 rows of other tokens stay learned). A history chunk's `<answer> item_i` then carries the item's colour
@@ -44,8 +44,15 @@ class ItemEncoder(nnx.Module):
     return rows if image_nd is None else rows + self.image_proj(image_nd)
 
 
-def _unit_rms(x_nd: jax.Array) -> jax.Array:
-  return x_nd * jax.lax.rsqrt(jnp.square(x_nd).mean(-1, keepdims=True) + 1e-6)
+def standardise(x_nd: jax.Array) -> jax.Array:
+  """Each feature centred and scaled over the catalogue, each row then of expected norm 1.
+
+  Pooled features are dominated by what every item shares (the words `Category ... Price ... Brand`,
+  the black background): raw, every item's row points the same way and the model cannot tell a red
+  coat from a blue one by its row. Centred over the catalogue, what is left is what tells items apart.
+  """
+  x_nd = x_nd - x_nd.mean(0)
+  return x_nd / (x_nd.std(0) + 1e-6) / jnp.sqrt(x_nd.shape[-1])
 
 
 def content_rows(model, arrays: dict[str, jax.Array], *, pad_id: int) -> jax.Array:
@@ -53,13 +60,13 @@ def content_rows(model, arrays: dict[str, jax.Array], *, pad_id: int) -> jax.Arr
   text_nl = arrays['text']
   valid = (text_nl != pad_id)[..., None].astype(jnp.float32)
   words = model.lm.embed_tokens(jnp.where(text_nl != pad_id, text_nl, 0)).astype(jnp.float32)
-  text = _unit_rms((words * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0))
+  text = standardise((words * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0))
   image = None
   if 'images' in arrays:
     # Forward only: the towers learn from the pictures in prompts (cross-attention); a backward pass
     # through every catalogue picture each step would cost more than the rest of the step.
     latents = jax.lax.stop_gradient(model.encode_images(vision.normalize(arrays['images'])[:, None]))
-    image = _unit_rms(latents.astype(jnp.float32).mean(1)) * arrays['has_image'][:, None]
+    image = standardise(latents.astype(jnp.float32).mean(1)) * arrays['has_image'][:, None]
   return model.items(text, image).astype(jnp.float32)
 
 
