@@ -1,7 +1,8 @@
 """benchmark: the tiny model trained longer, as `python -m unimp_jax.benchmark` runs it on a CPU.
 
 From scratch, so the cross-attention gates start open (model.lm.alpha_init): at 0 they stay near 0
-and the pictures never reach the LM (see unimp_jax/model/lm.py).
+and the pictures never reach the LM (see unimp_jax/model/lm.py). Each variant sets its own item rows
+(unimp_jax.benchmark.VARIANTS).
 """
 
 from unimp_jax import config as config_lib

@@ -1,8 +1,22 @@
-"""tiny (SPEC §7): the unit-test and smoke-run size; seconds on one CPU core."""
+"""tiny (SPEC §7): the unit-test and smoke-run size, and the README's main job (~7 min on 2 CPU cores).
+
+The model is the base config's. What this preset adds is what makes a model trained from scratch at
+this size personalise (docs/BENCHMARKS.md, "Content item rows"):
+- content item rows: `item_i` is embedded by the item's own picture and text (unimp_jax/model/items.py);
+- the cross-attention gates start open: from scratch there is no pretrained LM to protect, and at 0
+  the picture path gets almost no gradient (unimp_jax/model/lm.py);
+- a mixture weighted towards ranking, and 1,000 steps.
+"""
 
 from unimp_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  return config_lib.base_config()
+  c = config_lib.base_config()
+  c.model.item_embeddings = 'content'
+  c.model.lm.alpha_init = 1.0
+  c.data.tasks.update(recommendation=2.0, search=1.0, preference=0.5, selection=0.5)
+  c.train.steps = 1000
+  c.checkpoint.every = 250
+  return c

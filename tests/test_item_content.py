@@ -118,7 +118,7 @@ print('RESULT', json.dumps(dict(last_step=run.last_step, item_tokens=list(run.bu
 """
 
 
-SEMANTIC = ('data.item_ids=semantic', 'data.semantic.levels=2', 'data.semantic.codebook=8',
+SEMANTIC = ('model.item_embeddings=learned', 'data.item_ids=semantic', 'data.semantic.levels=2', 'data.semantic.codebook=8',
             'data.semantic.max_collisions=16')
 
 

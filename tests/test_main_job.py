@@ -29,7 +29,7 @@ def test_main_job_reports_every_task_and_predict_answers(tmp_path):
   with open(os.path.join(workdir, 'report.md')) as f:
     text = f.read()
   for section in ('## recommendation', '## search', '## preference', '## selection', 'gallery.png', 'HR', 'RMSE',
-                  'BLEU-4', 'ROUGE-L', 'F1', '## colour agreement@8', '| popularity |'):
+                  'BLEU-4', 'ROUGE-L', 'F1', '## colour agreement@8', '| popularity |', 'ItemKNN HR@10 (last 5 items'):
     assert section in text, section
   assert Image.open(os.path.join(workdir, 'gallery.png')).size[0] > 200
 

@@ -93,3 +93,29 @@ def test_verify_names_a_modified_file(built, tmp_path):
     json.dump({'seed': 0, 'by_user': {}}, f)
   with pytest.raises(formats.DatasetError, match='splits.json: modified'):
     formats.UnifiedDataset(path, verify=True)
+
+
+@pytest.mark.parametrize('split', ['by_user', 'leave_last_out'])
+def test_no_cold_item_reaches_a_training_example(built, split):
+  """Property over the whole training pipeline: no picture slot, item token, or target of any example of
+  two epochs of every task is a cold item, while test targets do include cold ones."""
+  from unimp_jax import config as config_lib
+  from unimp_jax.data import pipeline
+  cold = np.asarray(built.manifest['extra']['cold_items'])
+  assert len(cold) == round(synthetic.COLD_FRACTION * len(built.items))
+  cfg = config_lib.base_config()
+  cfg.data.update(path=built.path, split=split, seq_len=320, num_images=8, batch_size=4)
+  cfg.model.vision.image_size = built.image_size
+  builder = pipeline.make_builder(cfg, built)
+  cold_tokens = builder.ids.item(cold)
+  users = len(pipeline.split_users(built, split, 'train'))
+  examples, tasks_seen = 0, set()
+  for batch in pipeline.make_dataset(builder, cfg.data, seed=0, num_epochs=2):
+    tasks_seen |= set(batch['task'].tolist())
+    assert not np.isin(batch['image_items'], cold).any()
+    assert not np.isin(batch['tokens'], cold_tokens).any()
+    assert not np.isin(batch['target'][:, 0], cold).any()
+    examples += len(batch['tokens'])
+  assert examples >= 2 * users - cfg.data.batch_size and tasks_seen == {0, 1, 2, 3}  # every trained task
+  test_targets = [built.user(int(u)).interactions[-1].item for u in pipeline.split_users(built, 'by_user', 'test')]
+  assert np.isin(test_targets, cold).any()

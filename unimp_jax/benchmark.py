@@ -39,14 +39,15 @@ _DATASET = flags.DEFINE_enum('dataset', 'fashion', ['fashion', 'movielens'], 'Wh
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, the report and plots go.', required=True)
 _CACHE = flags.DEFINE_string('cache', os.path.expanduser('~/.cache/unimp_jax'), 'Download cache (MovieLens).')
 
-# name -> (config.data.item_content, config.data.item_ids). The main model has semantic ids: at CPU
-# budgets they learn far faster than atomic ones (docs/BENCHMARKS.md). Without pictures, the semantic
-# codes come from the text half of the towers only; "IDs only" is pure collaborative filtering, so atomic.
-# MovieLens items have no pictures, so its "UniMP" is the text model.
-VARIANTS = {'fashion': {'UniMP': ('image+text', 'semantic'), 'UniMP atomic ids': ('image+text', 'atomic'),
-                        'UniMP text only': ('text', 'semantic'), 'UniMP IDs only': ('ids', 'atomic')},
-            'movielens': {'UniMP': ('text', 'semantic'), 'UniMP IDs only': ('ids', 'atomic')}}
-ATOMIC = {'fashion': 'UniMP atomic ids', 'movielens': 'UniMP IDs only'}  # for full-catalogue ranking
+# name -> (config.data.item_content, config.data.item_ids, config.model.item_embeddings). UniMP and its
+# text-only twin embed item tokens by the items' content (unimp_jax/model/items.py), so both can rank
+# cold items and differ only in the pictures; "IDs only" is pure collaborative filtering (learned rows);
+# "semantic ids" is the TIGER-style variant. MovieLens items have no pictures: its "UniMP" is text.
+VARIANTS = {'fashion': {'UniMP': ('image+text', 'atomic', 'content'),
+                        'UniMP text only': ('text', 'atomic', 'content'),
+                        'UniMP IDs only': ('ids', 'atomic', 'learned'),
+                        'UniMP semantic ids': ('image+text', 'semantic', 'learned')},
+            'movielens': {'UniMP': ('text', 'atomic', 'content'), 'UniMP IDs only': ('ids', 'atomic', 'learned')}}
 TASKS = {'fashion': ('recommendation', 'search', 'preference', 'selection'),
          'movielens': ('recommendation', 'preference')}
 
@@ -83,27 +84,33 @@ def main(argv):
                                        seed=base.seed, image_size=base.model.vision.image_size)
     base.data.tasks.update(search=0.0, selection=0.0)
   results, runs = {}, {}
-  for variant, (content, item_ids) in VARIANTS[name].items():
+  for variant, (content, item_ids, item_rows) in VARIANTS[name].items():
     cfg = copy.deepcopy(base)
-    cfg.data.item_content, cfg.data.item_ids = content, item_ids
-    trainer.say(f'==== {variant} ({content}, {item_ids} ids) ====')
+    cfg.data.item_content, cfg.data.item_ids, cfg.model.item_embeddings = content, item_ids, item_rows
+    trainer.say(f'==== {variant} ({content}, {item_ids} ids, {item_rows} item rows) ====')
     run = trainer.train(cfg, os.path.join(workdir, _slug(variant)))
     runs[variant] = run
     results[variant] = evaluate.evaluate(run.graphdef, run.params, run.builder, split=cfg.data.split,
                                          batch_size=cfg.data.batch_size, tasks_to_run=TASKS[name])
-  # The paper's 10-beam protocol next to our ranking, and what each costs, on an atomic-id model.
-  for variant in ('UniMP', ATOMIC[name]):
+  # The paper's 10-beam protocol next to our ranking, and what each costs, on UniMP (atomic ids).
+  for variant in ('UniMP',):
     run = runs[variant]
     results[f'{variant}, paper protocol (10 beams)'] = evaluate.evaluate(
         run.graphdef, run.params, run.builder, split=base.data.split, batch_size=base.data.batch_size,
         tasks_to_run=('recommendation',), ranking_method='paper')
-  atomic = runs[ATOMIC[name]]
-  speed = {'model': ATOMIC[name], **{m: users_per_second(atomic, base, m) for m in ('full', 'paper')}}
-  dataset = atomic.builder.dataset
+  speed = {'model': 'UniMP', **{m: users_per_second(runs['UniMP'], base, m) for m in ('full', 'paper')}}
+  dataset = runs['UniMP'].builder.dataset
+  kinds = baselines.target_kinds(dataset, base.data.split)
+
+  def ranked(ranks):  # overall, and for warm and cold targets as UniMP's rows are (evaluate.by_target_kind)
+    out = {'recommendation': {'users': len(ranks), **ranking.ranking_metrics(ranks)}}
+    out.update({f'recommendation, {kind} targets': {'users': int(keep.sum()), **ranking.ranking_metrics(ranks[keep])}
+                for kind, keep in kinds.items() if keep.any()})
+    return out
+
   for baseline in baselines.NAMES:
     trainer.say(f'==== {baseline} ====')
-    ranks = baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed)
-    results[baseline] = {'recommendation': {'users': len(ranks), **ranking.ranking_metrics(ranks)}}
+    results[baseline] = ranked(baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed))
   predicted, true = rating_baselines.predict(dataset, base.data.split)
   for baseline, values in predicted.items():
     results[baseline] = {'preference': {'users': len(true), **rating_baselines.metrics(values, true)}}
@@ -112,15 +119,17 @@ def main(argv):
   if name == 'fashion':
     ceilings = {'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
                 'colour-blind oracle HR@10 (true tastes without colour)': extra['colour_blind_hr@10']}
+    ceilings.update({f'oracle HR@10, {kind} targets': extra[f'oracle_hr@10_{kind}'] for kind in kinds})
     # Every item has a picture, so a prompt shows the last num_images history items (fewer if the text
     # runs out of seq_len): ItemKNN and the attribute ceiling given that same window, too.
     window = base.data.num_images
-    ranks = baselines.evaluate('cooccurrence', dataset, base.data.split, recent=window)
-    results[f'cooccurrence, last {window} items'] = {
-        'recommendation': {'users': len(ranks), **ranking.ranking_metrics(ranks)}}
+    results[f'cooccurrence, last {window} items'] = ranked(
+        baselines.evaluate('cooccurrence', dataset, base.data.split, recent=window))
     for recent, label in ((window, f'last {window} items, as a prompt shows them'), (None, 'whole history')):
       ranks = attributes.evaluate(dataset, base.data.split, recent=recent)
       ceilings[f'attribute ceiling HR@10 ({label})'] = ranking.ranking_metrics(ranks)['HR@10']
+      ceilings.update({f'attribute ceiling HR@10 ({label}), {kind} targets': ranking.ranking_metrics(ranks[keep])['HR@10']
+                       for kind, keep in kinds.items() if keep.any()})
   report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
   text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed,
                   f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}')

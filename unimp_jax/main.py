@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from unimp_jax.data import pipeline
 from unimp_jax import baselines
-from unimp_jax.eval import evaluate, gallery, metrics, predictor as predictor_lib
+from unimp_jax.eval import evaluate, gallery, metrics, predictor as predictor_lib, ranking
 from unimp_jax.train import report, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
@@ -65,6 +65,9 @@ def main(argv):
     gallery.write_gallery(os.path.join(workdir, 'gallery.png'), rows, builder.dataset)
 
   extra = builder.dataset.manifest['extra']
+  if 'recommendation' in trained:
+    tables['recommendation baselines (the same test users; earlier items removed)'] = baseline_table(
+        builder.dataset, cfg.data.split, cfg.data.num_images if builder.uses_images else cfg.data.history)
   if 'item_colour' in extra and 'recommendation' in trained:
     tables['colour agreement@8 (share of the top 8 in the user\'s most frequent history colour)'] = \
         colour_table(predictor, cfg.data.split, extra['item_colour'])
@@ -73,6 +76,9 @@ def main(argv):
   if 'oracle_hr@10' in extra:
     summary.update({'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
                     'colour-blind oracle HR@10 (true tastes without colour)': extra['colour_blind_hr@10']})
+    for kind in ('warm', 'cold'):
+      if extra.get(f'oracle_hr@10_{kind}') is not None:
+        summary[f'oracle HR@10, {kind} targets'] = extra[f'oracle_hr@10_{kind}']
   path = report.write_report(workdir, title=f'UniMP on {builder.dataset.manifest["name"]}', summary=summary,
                              eval_tables=tables, extra_sections=[
                                  '## Gallery (test users: history, then top-8 recommendations; target outlined)',
@@ -80,6 +86,23 @@ def main(argv):
   if jax.process_index() == 0:
     with open(path) as f:
       print(f.read())
+
+
+def baseline_table(dataset, split: str, window: int) -> dict[str, float]:
+  """HR@10 of chance, popularity and ItemKNN (given the whole history, and given only the last `window`
+  items, the most a prompt shows: equal information), overall and for warm and cold targets."""
+  _, targets, _ = baselines.stage_examples(dataset, split, 'test')
+  kinds = {'': np.ones(len(targets), bool),
+           **{f', {kind} targets': keep for kind, keep in baselines.target_kinds(dataset, split).items()}}
+  rankers = {'popularity': ('popularity', {}), 'ItemKNN (whole history)': ('cooccurrence', {}),
+             f'ItemKNN (last {window} items, as the prompt)': ('cooccurrence', {'recent': window})}
+  table = {'chance HR@10': 10 / len(dataset.items), 'test users': len(targets)}
+  for label, (name, options) in rankers.items():
+    ranks = baselines.evaluate(name, dataset, split, **options)
+    for kind, keep in kinds.items():
+      if keep.any():
+        table[f'{label} HR@10{kind}'] = ranking.ranking_metrics(ranks[keep])['HR@10']
+  return table
 
 
 def colour_table(predictor, split: str, item_colour, k: int = 8) -> dict[str, float]:

@@ -61,6 +61,17 @@ def stage_examples(dataset: formats.UnifiedDataset, split: str, stage: str):
   return histories, np.asarray(targets, np.int64), seen
 
 
+def target_kinds(dataset: formats.UnifiedDataset, split: str, stage: str = 'test') -> dict[str, np.ndarray]:
+  """{'warm': mask, 'cold': mask} over the stage's users (`stage_examples` order) by whether the target
+  is a cold item (`extra.cold_items`: released after the data's cut-off); {} for data without any."""
+  cold = np.zeros(len(dataset.items), bool)
+  cold[dataset.manifest.get('extra', {}).get('cold_items', [])] = True
+  if not cold.any():
+    return {}
+  targets = stage_examples(dataset, split, stage)[1]
+  return {'warm': ~cold[targets], 'cold': cold[targets]}
+
+
 def scores(name: str, train: list[np.ndarray], histories: list[np.ndarray], num_items: int, *, seed: int = 0,
            **options) -> np.ndarray:
   """float [len(histories), num_items]: baseline `name` fitted on `train`, scoring every item per history."""

@@ -1,6 +1,6 @@
 """The embedded default dataset: real product photos, simulated shoppers, part of the signal image-only.
 
-  python -m unimp_jax.data.synthetic --out data/generated/fashion [--num_items 1000 --num_users 2000 --seed 0]
+  python -m unimp_jax.data.synthetic --out data/generated/fashion [--num_items 1250 --num_users 10000 --seed 0]
 
 Items are Fashion-MNIST photos (a committed 2,000-photo subset), each colourised with one of eight
 colours. Category comes from the photo's class; brand, style, material and price are drawn at random;
@@ -45,6 +45,11 @@ BASE_PRICE = (15, 45, 40, 60, 90, 35, 30, 70, 55, 85)
 W_FAVOURITE_COLOUR, W_SECOND_COLOUR, W_CATEGORY, W_BRAND, W_PRICE = 2.5, 1.0, 1.5, 1.0, 1.0
 TEMPERATURE = 0.5
 NUM_SLOTS = 3  # candidates per image-selection question
+# New ("cold") items: this share of the catalogue is released at CUTOFF. Every interaction before a
+# user's last happens before it; only validation and test users make their last purchase after it, so
+# a cold item is never in a training user's history or target, and only content can rank it.
+COLD_FRACTION = 0.2
+CUTOFF = 1_800_000_000  # seconds; every history (from 1.6e9, at most 16 purchases a month apart) ends before
 
 
 def load_photos() -> tuple[np.ndarray, np.ndarray]:
@@ -122,25 +127,35 @@ EXPLANATIONS = {
 }
 
 
-def simulate_user(rng, user: int, tastes, attrs, items) -> tuple[formats.User, float, float]:
+def simulate_user(rng, user: int, tastes, attrs, items, cold: np.ndarray, evaluated: bool):
   """One shopper's purchases, ratings, explanations, queries and selection questions, plus the oracle
-  and colour-blind expected HR@10 for their last purchase."""
+  and colour-blind expected HR@10 for their last purchase and whether that purchase is a cold item.
+
+  Cold items can be bought only by an `evaluated` (validation or test) user, as their last purchase,
+  after CUTOFF. The ceilings are conditional on the last purchase's kind: the expected HR@10 of ranking
+  by the true utility when the target is drawn from the user's choice probabilities restricted to warm
+  (or to cold) items, whichever the drawn target is."""
   terms = utility_terms(tastes, user, attrs)
   utility = sum(terms.values())
   length = int(rng.integers(6, 17))
-  seen = np.zeros(len(utility), bool)
-  interactions, oracle, blind = [], 0.0, 0.0
+  seen = cold.copy()  # not released yet: never bought before the last purchase
+  interactions, oracle, blind, target_cold = [], 0.0, 0.0, False
   mean, std = utility.mean(), utility.std() + 1e-9
   means = {k: v.mean() for k, v in terms.items()}
   timestamp = int(1_600_000_000 + rng.integers(0, 10_000_000))
   for step in range(length):
+    last = step == length - 1
+    if last and evaluated:
+      seen &= ~cold  # released now
     logits = np.where(seen, -np.inf, utility / TEMPERATURE)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
-    if step == length - 1:
-      oracle = hit_rate_at_10(probs, utility, seen)
-      blind = hit_rate_at_10(probs, utility - terms['colour'], seen)
     item = int(rng.choice(len(probs), p=probs))
+    if last:
+      target_cold = bool(cold[item])
+      group = np.where(cold == target_cold, probs, 0.0)
+      oracle = hit_rate_at_10(group / group.sum(), utility, seen)
+      blind = hit_rate_at_10(group / group.sum(), utility - terms['colour'], seen)
     seen[item] = True
     rating = int(np.clip(np.rint(3 + 1.2 * (utility[item] - mean) / std + rng.normal(0, 0.5)), 1, 5))
     feature = max(terms, key=lambda k: abs(terms[k][item] - means[k]))
@@ -149,17 +164,20 @@ def simulate_user(rng, user: int, tastes, attrs, items) -> tuple[formats.User, f
         category=it.category, brand=it.brand)
     query = ' '.join(it.keywords[:2] if rng.random() < 0.5 else it.keywords[:3])
     timestamp += int(rng.integers(3_600, 30 * 86_400))
+    if last and evaluated:
+      timestamp = CUTOFF + int(rng.integers(3_600, 30 * 86_400))
     interactions.append(formats.Interaction(
         item=item, rating=rating, review=f'{explanation}. {rating} out of 5.', explanation=explanation,
         timestamp=timestamp, query=query))
-  selections = tuple(s for s in (make_selection(rng, user, tastes, attrs) for _ in range(2)) if s is not None)
-  return formats.User(f'user-{user:05d}', tuple(interactions), selections), oracle, blind
+  selections = tuple(s for s in (make_selection(rng, user, tastes, attrs, ~cold) for _ in range(2)) if s is not None)
+  return formats.User(f'user-{user:05d}', tuple(interactions), selections), oracle, blind, target_cold
 
 
-def make_selection(rng, user: int, tastes, attrs) -> formats.Selection | None:
-  """1 or 2 items of the user's favourite colour among 3 of one category: only the picture decides."""
+def make_selection(rng, user: int, tastes, attrs, warm: np.ndarray) -> formats.Selection | None:
+  """1 or 2 items of the user's favourite colour among 3 warm items of one category: only the picture
+  decides."""
   category = int(rng.choice(len(CATEGORIES), p=tastes['category'][user]))
-  same = attrs['category'] == category
+  same = (attrs['category'] == category) & warm
   liked = np.flatnonzero(same & (attrs['colour'] == tastes['fav'][user]))
   other = np.flatnonzero(same & (attrs['colour'] != tastes['fav'][user]) & (attrs['colour'] != tastes['second'][user]))
   num_pos = int(rng.integers(1, 3))
@@ -170,28 +188,44 @@ def make_selection(rng, user: int, tastes, attrs) -> formats.Selection | None:
   return formats.Selection(tuple(int(c) for c in candidates), tuple(sorted(int(p) for p in positives)))
 
 
-def build(out: str, *, num_items: int = 1000, num_users: int = 2000, seed: int = 0, image_size: int = 32,
+def build(out: str, *, num_items: int = 1250, num_users: int = 10_000, seed: int = 0, image_size: int = 32,
           bpe_vocab: int = 1024, overwrite: bool = False) -> dict:
+  """The default: 1,250 items (250 cold) and 10,000 users, so 1,000 test users (one standard error at
+  HR@10 = 0.25 is 0.014)."""
   rng = np.random.default_rng(seed)
   photos, labels = load_photos()
   attrs = make_items(rng, num_items, labels)
+  cold = np.zeros(num_items, bool)
+  cold[rng.choice(num_items, int(round(COLD_FRACTION * num_items)), replace=False)] = True
+  splits = formats.split_by_user(num_users, seed)
+  evaluated = np.zeros(num_users, bool)
+  evaluated[splits['valid'] + splits['test']] = True
   items = [item_record(i, attrs) for i in range(num_items)]
   colours = list(COLOURS.values())
   images = (colourise(photos[attrs['photo'][i]], colours[attrs['colour'][i]], image_size) for i in range(num_items))
   tastes = make_tastes(rng, num_users)
-  users, oracle, blind = [], [], []
+  users, oracle, blind, target_cold = [], [], [], []
   for u in range(num_users):
-    user, o, b = simulate_user(rng, u, tastes, attrs, items)
+    user, o, b, c = simulate_user(rng, u, tastes, attrs, items, cold, bool(evaluated[u]))
     users.append(user)
     oracle.append(o)
     blind.append(b)
+    target_cold.append(c)
+  test = np.asarray(splits['test'])
+  oracle, blind, target_cold = np.asarray(oracle)[test], np.asarray(blind)[test], np.asarray(target_cold)[test]
+  ceiling = lambda values, where: round(float(values[where].mean()), 4) if where.any() else None
 
   base = tokenizer_lib.train_bpe(tasks.tokenizer_corpus(items, users), bpe_vocab)
   tokenizer = tokenizer_lib.with_unimp_tokens(base, num_items=num_items,
                                               num_slots=NUM_SLOTS, num_image_codes=0)
+  # Ceilings over the test users' last purchases: all, warm targets only, cold targets only.
   extra = {'generator': 'unimp_jax.data.synthetic', 'seed': seed,
            'oracle_hr@10': round(float(np.mean(oracle)), 4),
            'colour_blind_hr@10': round(float(np.mean(blind)), 4),
+           'oracle_hr@10_warm': ceiling(oracle, ~target_cold), 'oracle_hr@10_cold': ceiling(oracle, target_cold),
+           'colour_blind_hr@10_warm': ceiling(blind, ~target_cold),
+           'colour_blind_hr@10_cold': ceiling(blind, target_cold),
+           'cutoff': CUTOFF, 'cold_items': np.flatnonzero(cold).tolist(),
            'colours': list(COLOURS), 'item_colour': attrs['colour'].tolist(),
            'user_favourite_colour': tastes['fav'].tolist()}
   return formats.write_dataset(out, name='fashion-synthetic', items=items, images=images, users=users,
@@ -202,8 +236,8 @@ def build(out: str, *, num_items: int = 1000, num_users: int = 2000, seed: int =
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', required=True)
-  parser.add_argument('--num_items', type=int, default=1000)
-  parser.add_argument('--num_users', type=int, default=2000)
+  parser.add_argument('--num_items', type=int, default=1250)
+  parser.add_argument('--num_users', type=int, default=10_000)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--bpe_vocab', type=int, default=1024)

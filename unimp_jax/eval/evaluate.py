@@ -229,8 +229,25 @@ def evaluate(graphdef, params, builder: tasks.TaskBuilder, *, split: str, stage:
       continue
     rows = share_rows(graphdef, params, builder, task, eligible, process_index, process_count, split=split,
                       stage=stage, batch_size=batch_size, ranking_method=ranking_method, seed=seed)
-    results[task] = summarise(task, gather(rows) if process_count > 1 else rows, builder)
+    rows = gather(rows) if process_count > 1 else rows
+    results[task] = summarise(task, rows, builder)
+    if task in ('recommendation', 'search'):
+      results.update({f'{task}, {kind} targets': summarise(task, part, builder)
+                      for kind, part in by_target_kind(rows, builder.dataset).items()})
   return results
+
+
+def by_target_kind(rows: dict[str, np.ndarray], dataset) -> dict[str, dict[str, np.ndarray]]:
+  """Rows split by whether their target item is warm or cold (`extra.cold_items`: released after the
+  data's cut-off, never in training); {} for data without cold items."""
+  cold_items = dataset.manifest.get('extra', {}).get('cold_items')
+  if not cold_items:
+    return {}
+  cold = np.zeros(len(dataset.items), bool)
+  cold[cold_items] = True
+  targets = np.asarray([dataset.user(int(u)).interactions[t].item for u, t in zip(rows['user'], rows['target'])])
+  parts = {'warm': ~cold[targets], 'cold': cold[targets]}
+  return {kind: {k: v[keep] for k, v in rows.items()} for kind, keep in parts.items() if keep.any()}
 
 
 def share_rows(graphdef, params, builder: tasks.TaskBuilder, task: str, users: np.ndarray, process_index: int,

@@ -151,11 +151,13 @@ def benchmark_markdown(dataset_name: str, cfg, results: dict[str, dict], ceiling
               f'split `{cfg.data.split}`, test users. The recommendation baselines see item IDs only (no '
               f'queries, pictures or text); the rating baselines see ratings only: they are scored on '
               f'recommendation and on the rating columns of preference.']
-  for task in ('recommendation', 'search', 'preference', 'selection'):
+  ranked_tasks = [f'{task}{kind}' for task in ('recommendation', 'search')
+                  for kind in ('', ', warm targets', ', cold targets')]
+  for task in (*ranked_tasks, 'preference', 'selection'):
     scored = [(n, r[task]) for n, r in results.items() if task in r]
     if not scored:
       continue
-    ranked = task in ('recommendation', 'search')
+    ranked = task in ranked_tasks
     keys = BENCHMARK_METRICS if ranked else [k for k in scored[0][1] if k != 'users']
     rows = [[n, m['users'], *[m.get(k, '') for k in keys]] for n, m in scored]
     header = ['method', 'users', *keys]
