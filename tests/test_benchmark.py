@@ -23,7 +23,11 @@ def test_markdown_and_plot(tmp_path):
   ceilings = {'oracle HR@10': 0.44}
   text = report.benchmark_markdown('fashion', config_lib.base_config(), results, ceilings,
                                    {'model': 'UniMP', 'full': 50.0, 'paper': 5.0},
-                                   'python -m unimp_jax.benchmark --dataset fashion --workdir W')
+                                   'python -m unimp_jax.benchmark --dataset fashion --workdir W',
+                                   {'popularity': {'difference': 0.28, 'low': 0.2, 'high': 0.36},
+                                    'UniMP text only': {'difference': 0.01, 'low': -0.02, 'high': 0.04}})
+  assert '| popularity | 0.2800 | 0.2000 | 0.3600 | yes |' in text
+  assert '| UniMP text only | 0.0100 | -0.0200 | 0.0400 | no |' in text
   cold = text[text.index('## recommendation, cold targets'):text.index('## search')]
   assert '| UniMP | 200 | 0.2500 |' in cold and '| popularity | 200 | 0.0000 |' in cold
   assert 'UniMP text only' not in cold  # only methods scored on cold targets

@@ -4,6 +4,7 @@ off the fixture by hand. The expected sequences, counts and k-core outcomes are 
 import ast
 import calendar
 import gzip
+import json
 import os
 import re
 import shutil
@@ -344,3 +345,22 @@ def test_picture_url_list_feeds_the_fetcher(tmp_path, source_format, meta, expec
   assert count['image_urls'] == len(rows) > 0
   assert all(url.startswith('http') for _, url in rows) and len({a for a, _ in rows}) == len(rows)
   assert rows[0] == expected
+
+
+def test_cold_after_marks_late_items_cold_and_keeps_them_out_of_training(tmp_path):
+  # First interactions in the fixture: 543 @878887116, 4 @878887200, 2 @878887300, 1 @881250949.
+  cutoff = 880_000_000
+  manifest = convert.main(['movielens', '--root', os.path.join(RAW, 'movielens', 'ml-100k'), '--out',
+                           str(tmp_path / 'out'), '--min_user_interactions', '3', '--min_item_interactions', '2',
+                           '--cold_after', str(cutoff), *FAST])
+  ds = formats.UnifiedDataset(str(tmp_path / 'out'))
+  extra = manifest['extra']
+  assert extra['cutoff'] == cutoff and [ds.items[i].source_id for i in extra['cold_items']] == ['1']
+  with open(tmp_path / 'out' / 'splits.json') as f:
+    splits = json.load(f)['by_user']
+  for u in range(ds.num_users):
+    inters = ds.user(u).interactions
+    if u in splits['train']:
+      assert all(i.timestamp <= cutoff for i in inters) and not set(extra['cold_items']) & {i.item for i in inters}
+    else:  # evaluated users keep everything
+      assert len(inters) == 3

@@ -124,3 +124,18 @@ def test_colour_agreement_counts_the_top_items_in_each_users_most_frequent_histo
   top = np.asarray([[0, 2, 4], [4, 5, 3]])
   # user 0: 1 of 3 is colour 0; user 1: 2 of 3 are colour 2
   assert metrics.colour_agreement(top, histories, colour) == pytest.approx((1 / 3 + 2 / 3) / 2)
+
+
+def test_paired_bootstrap_is_reproducible_and_centred_on_the_difference():
+  rng = np.random.default_rng(0)
+  a = (rng.random(500) < 0.3).astype(float)
+  b = np.where(rng.random(500) < 0.8, a, 1 - a)  # paired: b mostly agrees with a
+  one, again = metrics.paired_bootstrap(a, b, seed=1), metrics.paired_bootstrap(a, b, seed=1)
+  assert one == again and one != metrics.paired_bootstrap(a, b, seed=2)
+  assert one['difference'] == pytest.approx(a.mean() - b.mean())
+  assert one['low'] < one['difference'] < one['high']
+  # The interval has the paired standard error's width: 1.96 * std(a - b) / sqrt(n), within 15%.
+  width = 2 * 1.96 * np.std(a - b) / np.sqrt(len(a))
+  assert (one['high'] - one['low']) == pytest.approx(width, rel=0.15)
+  with pytest.raises(ValueError, match='paired'):
+    metrics.paired_bootstrap(a, b[:-1])

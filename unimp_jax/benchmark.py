@@ -24,6 +24,7 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,7 +32,7 @@ from unimp_jax import baselines
 from unimp_jax.baselines import attributes
 from unimp_jax.baselines import ratings as rating_baselines
 from unimp_jax.data import movielens, pipeline
-from unimp_jax.eval import evaluate, ranking
+from unimp_jax.eval import evaluate, metrics, ranking
 from unimp_jax.train import report, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/benchmark.py', 'Preset file[:arg].', lock_config=True)
@@ -83,15 +84,20 @@ def main(argv):
     base.data.path = movielens.prepare(_CACHE.value, os.path.join(_CACHE.value, 'ml-100k-unified'),
                                        seed=base.seed, image_size=base.model.vision.image_size)
     base.data.tasks.update(search=0.0, selection=0.0)
-  results, runs = {}, {}
+  results, runs, ranks = {}, {}, {}  # ranks: per-user recommendation ranks, in split_users order
   for variant, (content, item_ids, item_rows) in VARIANTS[name].items():
     cfg = copy.deepcopy(base)
     cfg.data.item_content, cfg.data.item_ids, cfg.model.item_embeddings = content, item_ids, item_rows
     trainer.say(f'==== {variant} ({content}, {item_ids} ids, {item_rows} item rows) ====')
     run = trainer.train(cfg, os.path.join(workdir, _slug(variant)))
     runs[variant] = run
-    results[variant] = evaluate.evaluate(run.graphdef, run.params, run.builder, split=cfg.data.split,
-                                         batch_size=cfg.data.batch_size, tasks_to_run=TASKS[name])
+    rows = evaluate.evaluate_rows(run.graphdef, run.params, run.builder, split=cfg.data.split,
+                                  batch_size=cfg.data.batch_size, tasks_to_run=TASKS[name])
+    results[variant] = evaluate.summaries(rows, run.builder)
+    users = pipeline.split_users(run.builder.dataset, cfg.data.split, 'test')
+    if not np.array_equal(rows['recommendation']['user'], users):  # the baselines' order
+      raise RuntimeError(f'{variant}: evaluated users differ from the stage users; intervals would not be paired')
+    ranks[variant] = rows['recommendation']['rank']
   # The paper's 10-beam protocol next to our ranking, and what each costs, on UniMP (atomic ids).
   for variant in ('UniMP',):
     run = runs[variant]
@@ -110,7 +116,8 @@ def main(argv):
 
   for baseline in baselines.NAMES:
     trainer.say(f'==== {baseline} ====')
-    results[baseline] = ranked(baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed))
+    ranks[baseline] = baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed)
+    results[baseline] = ranked(ranks[baseline])
   predicted, true = rating_baselines.predict(dataset, base.data.split)
   for baseline, values in predicted.items():
     results[baseline] = {'preference': {'users': len(true), **rating_baselines.metrics(values, true)}}
@@ -123,20 +130,24 @@ def main(argv):
     # Every item has a picture, so a prompt shows the last num_images history items (fewer if the text
     # runs out of seq_len): ItemKNN and the attribute ceiling given that same window, too.
     window = base.data.num_images
-    results[f'cooccurrence, last {window} items'] = ranked(
-        baselines.evaluate('cooccurrence', dataset, base.data.split, recent=window))
+    ranks[f'cooccurrence, last {window} items'] = baselines.evaluate('cooccurrence', dataset, base.data.split,
+                                                                    recent=window)
+    results[f'cooccurrence, last {window} items'] = ranked(ranks[f'cooccurrence, last {window} items'])
     for recent, label in ((window, f'last {window} items, as a prompt shows them'), (None, 'whole history')):
       ranks = attributes.evaluate(dataset, base.data.split, recent=recent)
       ceilings[f'attribute ceiling HR@10 ({label})'] = ranking.ranking_metrics(ranks)['HR@10']
       ceilings.update({f'attribute ceiling HR@10 ({label}), {kind} targets': ranking.ranking_metrics(ranks[keep])['HR@10']
                        for kind, keep in kinds.items() if keep.any()})
+  # Paired bootstrap: UniMP's per-user hit@10 minus each other method's, on the same test users.
+  intervals = {other: metrics.paired_bootstrap(ranks['UniMP'] < 10, r < 10, seed=base.seed)
+               for other, r in ranks.items() if other != 'UniMP'}
   report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
   text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed,
-                  f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}')
+                                   f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}', intervals)
   if jax.process_index() == 0:
     _write(os.path.join(workdir, 'BENCHMARK.md'), text)
     _write(os.path.join(workdir, 'results.json'),
-           json.dumps({'results': results, 'speed': speed, 'ceilings': ceilings}, indent=1))
+           json.dumps({'results': results, 'speed': speed, 'ceilings': ceilings, 'intervals': intervals}, indent=1))
     print(text)
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from unimp_jax.data import images as images_lib
 from unimp_jax.data import tasks
 from unimp_jax.data import tokenizer as tokenizer_lib
-from unimp_jax.data.formats import DatasetError, Interaction, Item, User, write_dataset
+from unimp_jax.data.formats import DatasetError, Interaction, Item, User, split_by_user, write_dataset
 
 NUM_SLOTS = 3                   # image-selection candidates per question
 KEYWORDS_PER_ITEM = 5
@@ -92,6 +92,7 @@ class Options:
   tokenizer: str | None = None      # a local Hugging Face tokenizer directory; None: train a BPE
   bpe_vocab: int = 8000
   overwrite: bool = False
+  cold_after: int | None = None     # cut-off timestamp: items first interacted with after it are cold
 
   def __post_init__(self):
     if self.on_bad_image not in ('fail', 'drop'):
@@ -463,6 +464,9 @@ def build(raw: Raw, opts: Options, source_format: str) -> dict[str, Any]:
     history[e.user].append(Interaction(item=ids[e.item], rating=e.rating, review=e.review, timestamp=e.timestamp,
                                        explanation=explanation(e.review, opts.seed, e.user, e.item)))
   users = [User(source_id=u, interactions=tuple(history[u])) for u in sorted(history)]
+  cold_items = []
+  if opts.cold_after is not None:
+    users, cold_items = cold_start(users, opts.cold_after, opts.seed)
 
   if opts.tokenizer:
     base = tokenizer_lib.load_base(opts.tokenizer)
@@ -479,11 +483,30 @@ def build(raw: Raw, opts: Options, source_format: str) -> dict[str, Any]:
       'unknown_item_interactions': sum(unknown.values()),
       'unknown_items': sorted(unknown)[:UNKNOWN_ITEMS_LISTED],
       'on_bad_image': opts.on_bad_image, 'bad_images': bad, **raw.notes}
+  if opts.cold_after is not None:
+    extra.update(cutoff=opts.cold_after, cold_items=cold_items)
   stream = (images_lib.load(raw.image_paths[it.source_id], opts.image_size) if it.has_image else None
             for it in items)
   return write_dataset(opts.out, name=opts.name, items=items, images=stream, users=users,
                        image_size=opts.image_size, split_seed=opts.seed, tokenizer=tokenizer, extra=extra,
                        overwrite=opts.overwrite)
+
+
+def cold_start(users: list[User], cutoff: int, seed: int) -> tuple[list[User], list[int]]:
+  """(users, cold item ids) for `--cold_after`: an item whose first interaction comes after `cutoff` is
+  cold, and the by-user split's training users (formats.split_by_user with the same seed) keep only
+  their interactions up to the cut-off, so no cold item reaches training; validation and test users keep
+  everything, so their targets include cold items. (Leave-last-out training reads every user's earlier
+  interactions and gives no such guarantee.)"""
+  first: dict[int, int] = {}
+  for user in users:
+    for inter in user.interactions:
+      first[inter.item] = min(inter.timestamp, first.get(inter.item, inter.timestamp))
+  cold = sorted(item for item, t in first.items() if t > cutoff)
+  train = set(split_by_user(len(users), seed)['train'])
+  users = [dataclasses.replace(u, interactions=tuple(i for i in u.interactions if i.timestamp <= cutoff))
+           if k in train else u for k, u in enumerate(users)]
+  return users, cold
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -501,6 +524,9 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument('--tokenizer', help='Local Hugging Face tokenizer directory (default: train a BPE).')
   common.add_argument('--bpe_vocab', type=int, default=8000, help='Vocabulary size of the trained BPE.')
   common.add_argument('--overwrite', action='store_true', help='Replace an existing dataset at --out.')
+  common.add_argument('--cold_after', type=int, metavar='TIMESTAMP',
+                      help='Items first interacted with after this time are cold (extra.cold_items); training '
+                      'users keep only their interactions up to it, so evaluation scores warm and cold targets.')
 
   parser = argparse.ArgumentParser(prog='python -m unimp_jax.data.convert', description=__doc__.split('\n')[0])
   formats = parser.add_subparsers(dest='format', required=True)
@@ -542,7 +568,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   opts = Options(out=args.out, name=args.name or args.format, seed=args.seed, image_size=args.image_size,
                  min_user_interactions=args.min_user_interactions,
                  min_item_interactions=args.min_item_interactions, on_bad_image=args.on_bad_image,
-                 tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab, overwrite=args.overwrite)
+                 tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab, overwrite=args.overwrite,
+                 cold_after=args.cold_after)
   manifest = build(raw, opts, args.format)
   print(f'wrote {opts.out}: {json.dumps(manifest["counts"])}')
   return manifest

@@ -88,10 +88,18 @@ def _position(candidates: np.ndarray, targets: np.ndarray, miss: int) -> np.ndar
 
 
 def task_rows(graphdef, params, builder: tasks.TaskBuilder, task: str, users: np.ndarray, *, split: str,
-              stage: str, batch_size: int, ranking_method: str = 'full', seed: int = 0) -> dict[str, np.ndarray]:
-  """One row per user of `users` (this process's share): what `summarise` needs for `task`."""
+              stage: str, batch_size: int, ranking_method: str = 'full', seed: int = 0,
+              negatives: int = 0) -> dict[str, np.ndarray]:
+  """One row per user of `users` (this process's share): what `summarise` needs for `task`, and for
+  recommendation and search the best `max(ranking.KS)` items (`top`, -1 where fewer).
+
+  `negatives` > 0 (full ranking only): the sampled-negatives protocol of many published tables, the
+  target ranked among that many items drawn uniformly, per user and seeded by (seed, user), from the
+  items the user has not interacted with before; `top` is then that ranking's."""
   if ranking_method not in RANKINGS:
     raise ValueError(f'ranking {ranking_method!r} is not one of {RANKINGS}')
+  if negatives and ranking_method != 'full':
+    raise ValueError('sampled negatives need full ranking (scores for every item)')
   pad, eos = builder.pad, builder.eos
   item_tokens = builder.item_tokens
   num_items, id_length = item_tokens.shape
@@ -110,7 +118,11 @@ def task_rows(graphdef, params, builder: tasks.TaskBuilder, task: str, users: np
       seen = [ranking.seen_before(u, t) for u, t in zip(user_objs, targets)]
       if ranking_method == 'full':
         logits = np.asarray(answer_logits(graphdef, params, tokens, images, lengths, pad_id=pad))[:real]
-        rank = ranking.ranks_from_scores(logits[:, item_tokens[:, 0]], target_items, seen)
+        scores = logits[:, item_tokens[:, 0]]
+        if negatives:
+          seen = [sampled_out(u, t, s, num_items, negatives, seed) for u, t, s in zip(chunk, target_items, seen)]
+        rank = ranking.ranks_from_scores(scores, target_items, seen)
+        rows.setdefault('top', []).append(ranking.top_items(scores, seen, max(ranking.KS)))
       else:
         banned = np.zeros((len(tokens), num_items), bool)
         if ranking_method == 'beam':
@@ -125,6 +137,7 @@ def task_rows(graphdef, params, builder: tasks.TaskBuilder, task: str, users: np
         if paper:  # string match: the ID and then end-of-sequence
           found = np.where(out[..., id_length] == eos, found, -1)
         rank = _position(found, target_items, num_items)
+        rows.setdefault('top', []).append(found[:, :max(ranking.KS)])
       rows.setdefault('rank', []).append(rank)
     elif task == 'preference':
       probs, text = rating_and_explanation(graphdef, params, builder, tokens, images, lengths)
@@ -137,6 +150,14 @@ def task_rows(graphdef, params, builder: tasks.TaskBuilder, task: str, users: np
     else:
       raise ValueError(f'no evaluation for task {task!r}; choose from {EVAL_TASKS}')
   return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def sampled_out(user: int, target: int, seen: np.ndarray, num_items: int, negatives: int, seed: int) -> np.ndarray:
+  """Every item but the target and `negatives` seeded random unseen ones: what the sampled-negatives
+  protocol removes from the ranking."""
+  pool = np.setdiff1d(np.arange(num_items), np.append(seen, target))
+  kept = np.random.default_rng([seed, int(user)]).choice(pool, min(negatives, len(pool)), replace=False)
+  return np.setdiff1d(np.arange(num_items), np.append(kept, target))
 
 
 def rating_and_explanation(graphdef, params, builder: tasks.TaskBuilder, tokens, images, lengths):
@@ -208,11 +229,30 @@ def decode_text(builder: tasks.TaskBuilder, tokens: np.ndarray) -> str:
   return builder.tokenizer.decode(tokens[:end[0] if len(end) else len(tokens)], skip_special_tokens=True).strip()
 
 
-def evaluate(graphdef, params, builder: tasks.TaskBuilder, *, split: str, stage: str = 'test', batch_size: int,
-             tasks_to_run=EVAL_TASKS, ranking_method: str | None = None, seed: int = 0,
-             process_index: int | None = None, process_count: int | None = None) -> dict[str, dict[str, float]]:
-  """{task: metrics} over all users of the stage, this process evaluating its share. Ranking defaults to
-  `full` for atomic ids and `beam` for semantic ones."""
+def evaluate(graphdef, params, builder: tasks.TaskBuilder, **kw) -> dict[str, dict[str, float]]:
+  """{task: metrics} over all users of the stage (arguments as `evaluate_rows`); recommendation and
+  search are also reported for warm and cold targets ('recommendation, cold targets', ...)."""
+  return summaries(evaluate_rows(graphdef, params, builder, **kw), builder)
+
+
+def summaries(rows_by_task: dict[str, dict[str, np.ndarray]], builder: tasks.TaskBuilder) -> dict[str, dict[str, float]]:
+  """`evaluate`'s metrics from `evaluate_rows`' rows."""
+  results = {}
+  for task, rows in rows_by_task.items():
+    results[task] = summarise(task, rows, builder)
+    if task in ('recommendation', 'search'):
+      results.update({f'{task}, {kind} targets': summarise(task, part, builder)
+                      for kind, part in by_target_kind(rows, builder.dataset).items()})
+  return results
+
+
+def evaluate_rows(graphdef, params, builder: tasks.TaskBuilder, *, split: str, stage: str = 'test',
+                  batch_size: int, tasks_to_run=EVAL_TASKS, ranking_method: str | None = None, seed: int = 0,
+                  negatives: int = 0, process_index: int | None = None,
+                  process_count: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+  """{task: one row per user} over all users of the stage (every process gets all rows), this process
+  evaluating its share. Ranking defaults to `full` for atomic ids and `beam` for semantic ones;
+  `negatives` as in `task_rows`."""
   if ranking_method is None:
     ranking_method = 'full' if builder.item_tokens.shape[1] == 1 else 'beam'
   if process_count is None:
@@ -222,19 +262,16 @@ def evaluate(graphdef, params, builder: tasks.TaskBuilder, *, split: str, stage:
     whole = all(x.is_fully_addressable for x in jax.tree.leaves(params))
     process_index, process_count = (jax.process_index(), jax.process_count()) if whole else (0, 1)
   users = pipeline.split_users(builder.dataset, split, stage)
-  results = {}
+  out = {}
   for task in tasks_to_run:
     eligible = np.asarray([u for u in users if builder.available(task, builder.dataset.user(int(u)))], np.int64)
     if not len(eligible):  # e.g. preference on a dataset without ratings
       continue
     rows = share_rows(graphdef, params, builder, task, eligible, process_index, process_count, split=split,
-                      stage=stage, batch_size=batch_size, ranking_method=ranking_method, seed=seed)
-    rows = gather(rows) if process_count > 1 else rows
-    results[task] = summarise(task, rows, builder)
-    if task in ('recommendation', 'search'):
-      results.update({f'{task}, {kind} targets': summarise(task, part, builder)
-                      for kind, part in by_target_kind(rows, builder.dataset).items()})
-  return results
+                      stage=stage, batch_size=batch_size, ranking_method=ranking_method, seed=seed,
+                      negatives=negatives if task in ('recommendation', 'search') else 0)
+    out[task] = merge([gather(rows) if process_count > 1 else rows])
+  return out
 
 
 def by_target_kind(rows: dict[str, np.ndarray], dataset) -> dict[str, dict[str, np.ndarray]]:

@@ -128,3 +128,18 @@ def colour_agreement(top_items: np.ndarray, histories: list[np.ndarray], item_co
   item_colour = np.asarray(item_colour)
   favourite = np.asarray([np.bincount(item_colour[h], minlength=item_colour.max() + 1).argmax() for h in histories])
   return float((item_colour[np.asarray(top_items)] == favourite[:, None]).mean())
+
+
+def paired_bootstrap(a, b, *, samples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+  """Mean of a - b over paired per-user values (e.g. hit@10 indicators of two methods on the same
+  users, in the same order) and its percentile bootstrap interval: users are resampled with
+  replacement, the same resample for both methods, so what the users share cancels out."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or not len(a):
+    raise ValueError(f'paired values need two equal, non-empty 1-D shapes, got {a.shape} and {b.shape}')
+  diff = a - b
+  picks = np.random.default_rng(seed).integers(0, len(diff), size=(samples, len(diff)))
+  means = diff[picks].mean(1)
+  tail = (1 - level) / 2 * 100
+  low, high = np.percentile(means, [tail, 100 - tail])
+  return {'difference': float(diff.mean()), 'low': float(low), 'high': float(high)}

@@ -40,3 +40,13 @@ def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, seen: list[np.nda
       items = np.asarray(items, np.int64)
       scores[r, items[items != targets[r]]] = -np.inf
   return (scores >= scores[rows, targets][:, None]).sum(1) - 1
+
+
+def top_items(scores: np.ndarray, seen: list[np.ndarray], k: int) -> np.ndarray:
+  """int [rows, k]: each row's k best items (best first, ties by item id) after removing its `seen` items;
+  -1 where fewer remain."""
+  scores = np.array(scores, np.float64)
+  for r, items in enumerate(seen):
+    scores[r, np.asarray(items, np.int64)] = -np.inf
+  order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  return np.where(np.isfinite(np.take_along_axis(scores, order, axis=1)), order, -1)

@@ -144,7 +144,7 @@ def plot_benchmark(path: str, results: dict[str, dict], ceilings: dict[str, floa
 
 
 def benchmark_markdown(dataset_name: str, cfg, results: dict[str, dict], ceilings: dict[str, float],
-             speed: dict[str, float], command: str) -> str:
+             speed: dict[str, float], command: str, intervals: dict[str, dict] | None = None) -> str:
   """unimp_jax.benchmark's report: one table per task (methods x metrics), ceilings, throughput."""
   sections = [f'# Benchmark: {dataset_name}', f'Produced by `{command}`.',
               f'UniMP preset: {cfg.train.steps} steps, batch {cfg.data.batch_size}, seq_len {cfg.data.seq_len}, '
@@ -168,6 +168,11 @@ def benchmark_markdown(dataset_name: str, cfg, results: dict[str, dict], ceiling
     if task == 'recommendation':
       rows += [[f'*{label}*', '', *[value if k == 'HR@10' else '' for k in keys], ''] for label, value in ceilings.items()]
     sections += [f'## {task}', table(header, rows)]
+  if intervals:
+    sections += ['## UniMP against each method: HR@10 difference with its paired 95% bootstrap interval', table(
+        ['method', 'UniMP minus method', 'low', 'high', '0 outside the interval'],
+        [[n, v['difference'], v['low'], v['high'], 'yes' if v['low'] > 0 or v['high'] < 0 else 'no']
+         for n, v in intervals.items()])]
   if speed:
     sections += [f'## Evaluation throughput ({speed["model"]}, recommendation, same users, one process)', table(
         ['method', 'users/s'], [['full-catalogue ranking (one forward pass)', speed['full']],

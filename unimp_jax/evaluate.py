@@ -1,0 +1,123 @@
+"""Evaluate a trained run on its held-out users, and keep every user's result.
+
+  python -m unimp_jax.evaluate --workdir W [--stage test|valid] [--tasks recommendation,search,...]
+      [--ranking full|beam|paper] [--negatives 100] [--ks 5,10] [--per_user FILE.jsonl] [--step N]
+
+Prints one table per task (recommendation and search also for warm and cold targets, and by history
+length) and writes one JSON line per (task, user) to `--per_user` (default WORKDIR/eval-STAGE.jsonl):
+the user, the target and whether it is cold, and for ranking tasks the target's 0-based rank and the
+top items; for preference the rating probabilities and the explanation; for selection the chosen and
+true slots. Every aggregate printed is a function of those lines (tests/test_main_job.py recomputes
+them). `--negatives N` is the sampled-negatives protocol of many published tables (the target among N
+random unseen items), labelled as such; the default ranks against the whole catalogue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from absl import logging
+
+from unimp_jax.eval import evaluate as evaluate_lib, predictor as predictor_lib, ranking
+from unimp_jax.train import report
+
+HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 10**9))  # history items before the target
+
+
+def per_user_records(task: str, rows: dict[str, np.ndarray], builder) -> list[dict]:
+  dataset = builder.dataset
+  cold = set(dataset.manifest.get('extra', {}).get('cold_items', []))
+  records = []
+  for i, (user, target) in enumerate(zip(rows['user'], rows['target'])):
+    item = dataset.user(int(user)).interactions[int(target)].item
+    record = {'task': task, 'user': int(user), 'user_id': dataset.user(int(user)).source_id,
+              'history_length': int(target), 'target_item': int(item), 'target_cold': item in cold}
+    if 'rank' in rows:
+      record.update(rank=int(rows['rank'][i]), top=[int(x) for x in rows['top'][i] if x >= 0])
+    if 'rating_probs' in rows:
+      record.update(rating=int(rows['rating'][i]), rating_probs=[float(p) for p in rows['rating_probs'][i]],
+                    explanation=evaluate_lib.decode_text(builder, rows['explanation'][i]))
+    if 'chosen' in rows:
+      record.update(chosen_slots=int(rows['chosen'][i]), positive_slots=int(rows['positives'][i]))
+    records.append(record)
+  return records
+
+
+def by_history_length(ranks: np.ndarray, lengths: np.ndarray, ks) -> dict[str, float]:
+  out = {}
+  for low, high in HISTORY_BUCKETS:
+    keep = (lengths >= low) & (lengths <= high)
+    if keep.any():
+      label = f'{low}-{high}' if high < 10**9 else f'{low}+'
+      metrics = ranking.ranking_metrics(ranks[keep], ks)
+      out.update({f'HR@{k} (history {label}, {int(keep.sum())} users)': metrics[f'HR@{k}'] for k in ks})
+  return out
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--step', type=int, default=None, help='a checkpoint step (default: the newest)')
+  parser.add_argument('--stage', choices=('test', 'valid'), default='test')
+  parser.add_argument('--tasks', default=','.join(evaluate_lib.EVAL_TASKS))
+  parser.add_argument('--ranking', choices=evaluate_lib.RANKINGS, default=None,
+                      help='default: full for atomic ids, beam for semantic ones')
+  parser.add_argument('--negatives', type=int, default=0, help='sampled-negatives protocol (0: full catalogue)')
+  parser.add_argument('--ks', default=','.join(map(str, ranking.KS)))
+  parser.add_argument('--per_user', default=None, help='JSONL file (default WORKDIR/eval-STAGE.jsonl)')
+  args = parser.parse_args(argv)
+  tasks = [t for t in args.tasks.split(',') if t]
+  if not tasks or any(t not in evaluate_lib.EVAL_TASKS for t in tasks):
+    parser.error(f'--tasks {args.tasks!r}: a comma-separated list from {evaluate_lib.EVAL_TASKS}')
+  try:
+    ks = tuple(int(k) for k in args.ks.split(','))
+  except ValueError:
+    ks = ()
+  if not ks or not set(ks) <= set(ranking.KS):
+    parser.error(f'--ks {args.ks!r}: a comma-separated list from {ranking.KS}')
+  if args.negatives < 0:
+    parser.error(f'--negatives {args.negatives}: must be >= 0')
+  if not os.path.isdir(os.path.join(args.workdir, 'checkpoints')):
+    parser.error(f'{args.workdir} has no checkpoints/ (a main-job or benchmark run directory)')
+  logging.set_verbosity(logging.WARNING)
+
+  predictor = predictor_lib.Predictor.from_workdir(args.workdir, args.step)
+  cfg, builder = predictor.cfg, predictor.builder
+  rows = evaluate_lib.evaluate_rows(predictor.graphdef, predictor.params, builder, split=cfg.data.split,
+                                    stage=args.stage, batch_size=cfg.data.batch_size, tasks_to_run=tasks,
+                                    ranking_method=args.ranking, seed=cfg.seed, negatives=args.negatives)
+  protocol = f'{args.negatives} sampled negatives' if args.negatives else 'full catalogue'
+  tables, records = {}, []
+  for task, task_rows in rows.items():
+    records += per_user_records(task, task_rows, builder)
+    parts = {'': task_rows}
+    if 'rank' in task_rows:
+      parts.update({f', {kind} targets': part for kind, part in evaluate_lib.by_target_kind(task_rows, builder.dataset).items()})
+    for suffix, part in parts.items():
+      summary = evaluate_lib.summarise(task, part, builder)
+      if 'rank' in part:
+        summary = {k: v for k, v in summary.items() if k == 'users' or int(k.split('@')[1]) in ks}
+      label = f'{task}{suffix} ({summary.pop("users")} {args.stage} users' + (f'; {protocol})' if 'rank' in part else ')')
+      tables[label] = summary
+    if 'rank' in task_rows:
+      tables[f'{task} by history length'] = by_history_length(task_rows['rank'], task_rows['target'], ks)
+
+  path = args.per_user or os.path.join(args.workdir, f'eval-{args.stage}.jsonl')
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+  os.replace(path + '.tmp', path)
+  for name, values in tables.items():
+    print(f'## {name}\n\n{report.metrics_table(values)}\n')
+  print(f'per-user results: {path} ({len(records)} lines)')
+  return tables
+
+
+if __name__ == '__main__':
+  try:
+    main()
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
