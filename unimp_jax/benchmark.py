@@ -84,7 +84,7 @@ def main(argv):
     base.data.path = movielens.prepare(_CACHE.value, os.path.join(_CACHE.value, 'ml-100k-unified'),
                                        seed=base.seed, image_size=base.model.vision.image_size)
     base.data.tasks.update(search=0.0, selection=0.0)
-  results, runs, ranks = {}, {}, {}  # ranks: per-user recommendation ranks, in split_users order
+  results, runs, user_ranks = {}, {}, {}  # per-user recommendation ranks, in split_users order
   for variant, (content, item_ids, item_rows) in VARIANTS[name].items():
     cfg = copy.deepcopy(base)
     cfg.data.item_content, cfg.data.item_ids, cfg.model.item_embeddings = content, item_ids, item_rows
@@ -97,7 +97,7 @@ def main(argv):
     users = pipeline.split_users(run.builder.dataset, cfg.data.split, 'test')
     if not np.array_equal(rows['recommendation']['user'], users):  # the baselines' order
       raise RuntimeError(f'{variant}: evaluated users differ from the stage users; intervals would not be paired')
-    ranks[variant] = rows['recommendation']['rank']
+    user_ranks[variant] = rows['recommendation']['rank']
   # The paper's 10-beam protocol next to our ranking, and what each costs, on UniMP (atomic ids).
   for variant in ('UniMP',):
     run = runs[variant]
@@ -116,8 +116,8 @@ def main(argv):
 
   for baseline in baselines.NAMES:
     trainer.say(f'==== {baseline} ====')
-    ranks[baseline] = baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed)
-    results[baseline] = ranked(ranks[baseline])
+    user_ranks[baseline] = baselines.evaluate(baseline, dataset, base.data.split, seed=base.seed)
+    results[baseline] = ranked(user_ranks[baseline])
   predicted, true = rating_baselines.predict(dataset, base.data.split)
   for baseline, values in predicted.items():
     results[baseline] = {'preference': {'users': len(true), **rating_baselines.metrics(values, true)}}
@@ -130,17 +130,17 @@ def main(argv):
     # Every item has a picture, so a prompt shows the last num_images history items (fewer if the text
     # runs out of seq_len): ItemKNN and the attribute ceiling given that same window, too.
     window = base.data.num_images
-    ranks[f'cooccurrence, last {window} items'] = baselines.evaluate('cooccurrence', dataset, base.data.split,
-                                                                    recent=window)
-    results[f'cooccurrence, last {window} items'] = ranked(ranks[f'cooccurrence, last {window} items'])
+    recent_name = f'cooccurrence, last {window} items'
+    user_ranks[recent_name] = baselines.evaluate('cooccurrence', dataset, base.data.split, recent=window)
+    results[recent_name] = ranked(user_ranks[recent_name])
     for recent, label in ((window, f'last {window} items, as a prompt shows them'), (None, 'whole history')):
       ranks = attributes.evaluate(dataset, base.data.split, recent=recent)
       ceilings[f'attribute ceiling HR@10 ({label})'] = ranking.ranking_metrics(ranks)['HR@10']
       ceilings.update({f'attribute ceiling HR@10 ({label}), {kind} targets': ranking.ranking_metrics(ranks[keep])['HR@10']
                        for kind, keep in kinds.items() if keep.any()})
   # Paired bootstrap: UniMP's per-user hit@10 minus each other method's, on the same test users.
-  intervals = {other: metrics.paired_bootstrap(ranks['UniMP'] < 10, r < 10, seed=base.seed)
-               for other, r in ranks.items() if other != 'UniMP'}
+  intervals = {other: metrics.paired_bootstrap(user_ranks['UniMP'] < 10, r < 10, seed=base.seed)
+               for other, r in user_ranks.items() if other != 'UniMP'}
   report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
   text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed,
                                    f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}', intervals)
