@@ -143,11 +143,15 @@ def main(argv=None):
                       help='history windows to report (0: the whole history)')
   args = parser.parse_args(argv)
   dataset = formats.UnifiedDataset(args.data)
+  kinds = {'': slice(None), **{f', {kind} targets': keep
+                               for kind, keep in baselines.target_kinds(dataset, args.split, args.stage).items()}}
   for recent in args.recent:
-    metrics = ranking.ranking_metrics(evaluate(dataset, args.split, args.stage, recent or None))
+    ranks = evaluate(dataset, args.split, args.stage, recent or None)
     window = f'last {recent} items' if recent else 'whole history'
-    print(f'attribute ceiling, {window}: ' + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items()
-                                                     if k.startswith('HR@')))
+    for kind, keep in kinds.items():
+      metrics = ranking.ranking_metrics(ranks[keep])
+      print(f'attribute ceiling, {window}{kind} ({len(ranks[keep])} users): '
+            + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k.startswith('HR@')))
 
 
 if __name__ == '__main__':
