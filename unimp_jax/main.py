@@ -18,8 +18,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimp_jax.data import pipeline
 from unimp_jax import baselines
+from unimp_jax.data import pipeline
 from unimp_jax.eval import evaluate, gallery, metrics, predictor as predictor_lib, ranking
 from unimp_jax.train import report, trainer
 

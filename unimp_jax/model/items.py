@@ -14,8 +14,8 @@ and the same row is both the input embedding and the output-head row of `item_i`
 rows of other tokens stay learned). A history chunk's `<answer> item_i` then carries the item's colour
 and kind into the LM's residual stream, and the recommendation logit of an item is the dot product of
 the answer position's state with that item's content: the model ranks items by what they are, the
-gradient of every item's logit trains the picture and text towers, and cold items are ranked like
-every other. The catalogue (every item's picture and text tokens) is an input of the train step; for
+gradient of every item's logit trains the projections and the text embeddings (the picture towers
+learn from the pictures in prompts; see `content_rows`), and cold items are ranked like every other. The catalogue (every item's picture and text tokens) is an input of the train step; for
 inference `with_item_rows` writes the rows into the ordinary parameters once, so decoding, export and
 Hugging Face models see a plain embedding table.
 """
@@ -73,8 +73,8 @@ def content_rows(model, arrays: dict[str, jax.Array], *, pad_id: int) -> jax.Arr
 def with_item_rows(graphdef, params: dict, catalogue: dict[str, jax.Array] | None, *, pad_id: int) -> dict:
   """`params` with the item tokens' added-embedding (and head) rows replaced by their content rows.
 
-  Differentiable: the train step calls it inside the loss, so gradients reach the towers and the
-  projections through every item row. A model with learned rows (no `items` encoder) is returned as it
+  Differentiable: the train step calls it inside the loss, so gradients reach the projections and the
+  text embeddings through every item row. A model with learned rows (no `items` encoder) is returned as it
   is; a model with content rows needs the `catalogue` arrays (unimp_jax.data.tasks.Catalogue.arrays).
   """
   if 'items' not in params:
