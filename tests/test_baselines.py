@@ -147,6 +147,11 @@ def test_attribute_ceiling_fits_the_same_weights_as_scipy_and_needs_the_simulato
   np.testing.assert_allclose(weights, reference.x, atol=0.03 * np.abs(reference.x).max())  # are correlated)
   ranks = attributes.evaluate(dataset, 'by_user', recent=3)
   assert len(ranks) == len(dataset.splits['test']) and (ranks >= 0).all()
+  # The popularity feature holds cold targets (no training purchases) back; the content-only ceiling
+  # ranks them by their attributes alone.
+  cold = baselines.target_kinds(dataset, 'by_user')['cold']
+  content = attributes.evaluate(dataset, 'by_user', recent=3, popularity=False)
+  assert cold.any() and content[cold].mean() < ranks[cold].mean()
 
   with pytest.raises(ValueError, match=r'hand.*extra.item_colour'):
     attributes.item_attributes(hand_made)
