@@ -58,9 +58,9 @@ def main(argv):
   for u in pipeline.split_users(builder.dataset, cfg.data.split, 'test')[:GALLERY_USERS]:
     user = builder.dataset.user(int(u))
     target = pipeline.target_position(len(user.interactions), cfg.data.split, 'test', None)
-    history = [i.item for i in user.interactions[:target]][-cfg.data.history:]
-    rows.append({'title': f'test user {u}', 'history': history, 'recommended': predictor.recommend(history, 8),
-                 'target': user.interactions[target].item})
+    history = [i.item for i in user.interactions[:target]]  # all of it: every earlier purchase is excluded
+    rows.append({'title': f'test user {u}', 'history': history[-cfg.data.history:],
+                 'recommended': predictor.recommend(history, 8), 'target': user.interactions[target].item})
   if jax.process_index() == 0:
     gallery.write_gallery(os.path.join(workdir, 'gallery.png'), rows, builder.dataset)
 
