@@ -22,6 +22,7 @@ import sys
 import numpy as np
 from absl import logging
 
+from unimp_jax.data import formats
 from unimp_jax.eval import evaluate as evaluate_lib, predictor as predictor_lib, ranking
 from unimp_jax.train import report
 
@@ -30,12 +31,12 @@ HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 10**9))  # history items before the tar
 
 def per_user_records(task: str, rows: dict[str, np.ndarray], builder) -> list[dict]:
   dataset = builder.dataset
-  cold = set(dataset.manifest.get('extra', {}).get('cold_items', []))
+  cold = formats.cold_mask(dataset)
   records = []
   for i, (user, target) in enumerate(zip(rows['user'], rows['target'])):
     item = dataset.user(int(user)).interactions[int(target)].item
     record = {'task': task, 'user': int(user), 'user_id': dataset.user(int(user)).source_id,
-              'history_length': int(target), 'target_item': int(item), 'target_cold': item in cold}
+              'history_length': int(target), 'target_item': int(item), 'target_cold': bool(cold[item])}
     if 'rank' in rows:
       record.update(rank=int(rows['rank'][i]), top=[int(x) for x in rows['top'][i] if x >= 0])
     if 'rating_probs' in rows:

@@ -44,16 +44,19 @@ def main(argv):
     return
 
   # ---- evaluate every trained task on users never seen in training ------------------------------------
-  builder, params = run.builder, run.params
+  # The predictor writes content item rows into the parameters once (model.items); evaluation uses them too.
+  builder = run.builder
+  predictor = predictor_lib.Predictor(cfg, run.graphdef, run.state['params'], builder.dataset, workdir)
+  params = predictor.params
   trained = [t for t in evaluate.EVAL_TASKS if cfg.data.tasks[t] > 0]
-  results = evaluate.evaluate(run.graphdef, params, builder, split=cfg.data.split, batch_size=cfg.data.batch_size,
-                              tasks_to_run=trained)
+  user_rows = evaluate.evaluate_rows(run.graphdef, params, builder, split=cfg.data.split,
+                                     batch_size=cfg.data.batch_size, tasks_to_run=trained)
+  results = evaluate.summaries(user_rows, builder)
   ranked = '; full-catalogue ranking' if builder.item_tokens.shape[1] == 1 else '; 20-beam search over item ids'
   tables = {f'{task} (test users: {m["users"]}{ranked if task in ("recommendation", "search") else ""})':
             {k: v for k, v in m.items() if k != 'users'} for task, m in results.items()}
 
   # ---- a gallery: a few test users' histories next to what the model recommends --------------------------
-  predictor = predictor_lib.Predictor(cfg, run.graphdef, run.state['params'], builder.dataset, workdir)
   rows = []
   for u in pipeline.split_users(builder.dataset, cfg.data.split, 'test')[:GALLERY_USERS]:
     user = builder.dataset.user(int(u))
@@ -70,7 +73,7 @@ def main(argv):
         builder.dataset, cfg.data.split, cfg.data.num_images if builder.uses_images else cfg.data.history)
   if 'item_colour' in extra and 'recommendation' in trained:
     tables['colour agreement@8 (share of the top 8 in the user\'s most frequent history colour)'] = \
-        colour_table(predictor, cfg.data.split, extra['item_colour'])
+        colour_table(builder.dataset, cfg.data.split, user_rows['recommendation'], extra['item_colour'])
   summary = {'steps': run.last_step, 'dataset': builder.dataset.path, 'items': len(builder.dataset.items),
              'users': builder.dataset.num_users, 'parameters': sum(x.size for x in jax.tree.leaves(params))}
   if 'oracle_hr@10' in extra:
@@ -105,17 +108,14 @@ def baseline_table(dataset, split: str, window: int) -> dict[str, float]:
   return table
 
 
-def colour_table(predictor, split: str, item_colour, k: int = 8) -> dict[str, float]:
-  """Colour agreement@k of UniMP's and popularity's top k for every test user, earlier items excluded."""
-  dataset = predictor.dataset
-  histories, _, seen = baselines.stage_examples(dataset, split, 'test')
-  ours = np.asarray([[item for item, _ in predictor.recommend(list(h), k)] for h in histories])
+def colour_table(dataset, split: str, rows: dict[str, np.ndarray], item_colour, k: int = 8) -> dict[str, float]:
+  """Colour agreement@k of UniMP's top k (the evaluation's recommendation `rows`) and popularity's, for
+  every test user, earlier items excluded."""
+  histories = [np.asarray([i.item for i in dataset.user(int(u)).interactions[:t]], np.int64)
+               for u, t in zip(rows['user'], rows['target'])]
   popular = baselines.scores('popularity', baselines.training_sequences(dataset, split), histories, len(dataset.items))
-  for row, items in enumerate(seen):
-    popular[row, items] = -np.inf
-  top_popular = np.argsort(-popular, axis=1, kind='stable')[:, :k]
-  return {'UniMP': metrics.colour_agreement(ours, histories, item_colour),
-          'popularity': metrics.colour_agreement(top_popular, histories, item_colour),
+  return {'UniMP': metrics.colour_agreement(rows['top'][:, :k], histories, item_colour),
+          'popularity': metrics.colour_agreement(ranking.top_items(popular, histories, k), histories, item_colour),
           'test users': len(histories)}
 
 

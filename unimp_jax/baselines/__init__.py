@@ -64,8 +64,7 @@ def stage_examples(dataset: formats.UnifiedDataset, split: str, stage: str):
 def target_kinds(dataset: formats.UnifiedDataset, split: str, stage: str = 'test') -> dict[str, np.ndarray]:
   """{'warm': mask, 'cold': mask} over the stage's users (`stage_examples` order) by whether the target
   is a cold item (`extra.cold_items`: released after the data's cut-off); {} for data without any."""
-  cold = np.zeros(len(dataset.items), bool)
-  cold[dataset.manifest.get('extra', {}).get('cold_items', [])] = True
+  cold = formats.cold_mask(dataset)
   if not cold.any():
     return {}
   targets = stage_examples(dataset, split, stage)[1]

@@ -42,16 +42,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
 import json
 import os
 import re
-import struct
 import sys
 
 import numpy as np
-from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from unimp_jax.data import fetch, formats, synthetic
@@ -99,19 +96,6 @@ def caption(template: str, colour: str, kind: str) -> str:
                          this_kind=f'{"these" if plural else "this"} {kind}', is_are='are' if plural else 'is')
 
 
-def read_idx(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
-  """An IDX image/label file pair (gzipped, as Fashion-MNIST ships): uint8 [N, 28, 28], labels [N]."""
-  with gzip.open(images_path) as f:
-    _, n, rows, cols = struct.unpack('>IIII', f.read(16))
-    photos = np.frombuffer(f.read(), np.uint8).reshape(n, rows, cols)
-  with gzip.open(labels_path) as f:
-    _, n = struct.unpack('>II', f.read(8))
-    labels = np.frombuffer(f.read(), np.uint8)
-  if len(labels) != len(photos):
-    raise DatasetError(f'{labels_path}: {len(labels)} labels for the {len(photos)} photos of {images_path}')
-  return photos, labels
-
-
 def corpus_photos(debian_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str], int]:
   """(photos, labels, source ids, how many catalogue duplicates were dropped).
 
@@ -119,8 +103,8 @@ def corpus_photos(debian_dir: str | None = None) -> tuple[np.ndarray, np.ndarray
   pixel bytes equal one of the catalogue's (synthetic.load_photos) are dropped either way.
   """
   if debian_dir is None:
-    photos, labels = read_idx(os.path.join(ASSETS, 'images-idx3-ubyte.gz'),
-                              os.path.join(ASSETS, 'labels-idx1-ubyte.gz'))
+    photos, labels = synthetic.read_idx(os.path.join(ASSETS, 'images-idx3-ubyte.gz'),
+                                        os.path.join(ASSETS, 'labels-idx1-ubyte.gz'))
     sources = [f'fashion_mnist_captions:{i}' for i in range(len(photos))]
   else:
     parts = []
@@ -130,7 +114,7 @@ def corpus_photos(debian_dir: str | None = None) -> tuple[np.ndarray, np.ndarray
       if missing:
         raise DatasetError(f'{missing[0]} not found: --full_debian needs the Debian package dataset-fashion-mnist '
                            '(apt-get install dataset-fashion-mnist) or a directory with its files')
-      parts.append((split, *read_idx(*paths)))
+      parts.append((split, *synthetic.read_idx(*paths)))
     photos = np.concatenate([p for _, p, _ in parts])
     labels = np.concatenate([label for _, _, label in parts])
     sources = [f'{split}:{i}' for split, p, _ in parts for i in range(len(p))]
@@ -139,29 +123,8 @@ def corpus_photos(debian_dir: str | None = None) -> tuple[np.ndarray, np.ndarray
   return photos[keep], labels[keep], [s for s, k in zip(sources, keep) if k], int((~keep).sum())
 
 
-def base_vocabulary(path: str) -> PreTrainedTokenizerFast:
-  """The base vocabulary of a tokenizer directory, so that two datasets can share it.
-
-  A unified dataset's `tokenizer/` (it has unimp_tokens.json) gives its base vocabulary without the added
-  tokens (they are re-added for this corpus); any other directory is a local Hugging Face tokenizer,
-  loaded as it is (tokenizer.load_base).
-  """
-  if not os.path.exists(os.path.join(path, tokenizer_lib.LAYOUT_FILE)):
-    return tokenizer_lib.load_base(path)
-  full = tokenizer_lib.load(path)
-  size = full.unimp_layout['base_vocab_size']
-  spec = json.loads(full.backend_tokenizer.to_str())
-  spec['added_tokens'] = [t for t in spec['added_tokens'] if t['id'] < size]
-  base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=full.pad_token,
-                                 bos_token=full.bos_token, eos_token=full.eos_token, unk_token=full.unk_token)
-  if len(base) != size:
-    raise DatasetError(f'{path}: stripping the added tokens left {len(base)} tokens, its layout says '
-                       f'base_vocab_size={size}')
-  return base
-
-
 def _tokenizer(captions: list[str], tokenizer_dir: str | None, bpe_vocab: int) -> PreTrainedTokenizerFast:
-  base = base_vocabulary(tokenizer_dir) if tokenizer_dir else tokenizer_lib.train_bpe(captions, bpe_vocab)
+  base = tokenizer_lib.load_base(tokenizer_dir) if tokenizer_dir else tokenizer_lib.train_bpe(captions, bpe_vocab)
   return tokenizer_lib.with_unimp_tokens(base, num_items=0, num_slots=synthetic.NUM_SLOTS, num_image_codes=0)
 
 

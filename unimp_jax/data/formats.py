@@ -86,6 +86,14 @@ def user_from_json(record: bytes) -> User:
               selections=tuple(Selection(tuple(s['candidates']), tuple(s['positives'])) for s in d['selections']))
 
 
+def cold_mask(dataset) -> np.ndarray:
+  """bool [num_items]: the dataset's cold items (`extra.cold_items`, released after its cut-off and never
+  in training; unimp_jax.data.synthetic, `convert --cold_after`); all False for data without any."""
+  mask = np.zeros(len(dataset.items), bool)
+  mask[dataset.manifest.get('extra', {}).get('cold_items', [])] = True
+  return mask
+
+
 def split_by_user(num_users: int, seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[int]]:
   """Seeded by-user split: test users are never seen in training."""
   order = np.random.default_rng(seed).permutation(num_users)

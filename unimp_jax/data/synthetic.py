@@ -52,15 +52,22 @@ COLD_FRACTION = 0.2
 CUTOFF = 1_800_000_000  # seconds; every history (from 1.6e9, at most 16 purchases a month apart) ends before
 
 
-def load_photos() -> tuple[np.ndarray, np.ndarray]:
-  """The committed Fashion-MNIST subset: uint8 [2000, 28, 28], labels [2000]."""
-  with gzip.open(os.path.join(ASSETS, 'images-idx3-ubyte.gz')) as f:
+def read_idx(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
+  """An IDX image/label file pair (gzipped, as Fashion-MNIST ships): uint8 [N, 28, 28], labels [N]."""
+  with gzip.open(images_path) as f:
     _, n, rows, cols = struct.unpack('>IIII', f.read(16))
     photos = np.frombuffer(f.read(), np.uint8).reshape(n, rows, cols)
-  with gzip.open(os.path.join(ASSETS, 'labels-idx1-ubyte.gz')) as f:
+  with gzip.open(labels_path) as f:
     _, n = struct.unpack('>II', f.read(8))
     labels = np.frombuffer(f.read(), np.uint8)
+  if len(labels) != len(photos):
+    raise formats.DatasetError(f'{labels_path}: {len(labels)} labels for the {len(photos)} photos of {images_path}')
   return photos, labels
+
+
+def load_photos() -> tuple[np.ndarray, np.ndarray]:
+  """The committed Fashion-MNIST subset: uint8 [2000, 28, 28], labels [2000]."""
+  return read_idx(os.path.join(ASSETS, 'images-idx3-ubyte.gz'), os.path.join(ASSETS, 'labels-idx1-ubyte.gz'))
 
 
 def colourise(photo: np.ndarray, colour: tuple[int, int, int], size: int) -> np.ndarray:

@@ -276,8 +276,8 @@ class TaskBuilder:
   def _selection_from(self, inter: formats.Interaction, rng: np.random.Generator) -> formats.Selection:
     """For data without selection questions: the true next item among two random others, never cold
     items (`extra.cold_items`: released after the data's cut-off, so training must not show them)."""
-    cold = self.dataset.manifest.get('extra', {}).get('cold_items', [])
-    pool = np.setdiff1d(np.arange(len(self.dataset.items)), [inter.item, *cold])
+    pool = np.flatnonzero(~formats.cold_mask(self.dataset))
+    pool = pool[pool != inter.item]
     others = rng.choice(pool, 2, replace=False)
     candidates = rng.permutation(np.asarray([inter.item, *others]))
     return formats.Selection(tuple(int(c) for c in candidates), (inter.item,))

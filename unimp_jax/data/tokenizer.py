@@ -47,10 +47,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def load_base(path: str) -> PreTrainedTokenizerFast:
-  """A tokenizer from a local Hugging Face directory (tokenizer.json etc.); nothing is downloaded."""
+  """A base vocabulary from a local directory; nothing is downloaded.
+
+  A Hugging Face tokenizer directory (tokenizer.json etc.) is loaded as it is. A unified dataset's
+  `tokenizer/` (it has LAYOUT_FILE) gives its base vocabulary without UniMP's added tokens, so that
+  another dataset (a stage-1 corpus, a second catalogue) can share it and re-add its own.
+  """
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path} does not exist')
-  return AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+  if not os.path.exists(os.path.join(path, LAYOUT_FILE)):
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+  full = load(path)
+  size = full.unimp_layout['base_vocab_size']
+  spec = json.loads(full.backend_tokenizer.to_str())
+  spec['added_tokens'] = [t for t in spec['added_tokens'] if t['id'] < size]
+  base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=full.pad_token,
+                                 bos_token=full.bos_token, eos_token=full.eos_token, unk_token=full.unk_token)
+  if len(base) != size:
+    raise ValueError(f'{path}: stripping the added tokens left {len(base)} tokens, its layout says '
+                     f'base_vocab_size={size}')
+  return base
 
 
 def with_unimp_tokens(base: PreTrainedTokenizerFast, *, num_items: int, num_slots: int,

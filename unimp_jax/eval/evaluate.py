@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimp_jax.data import pipeline, tasks
+from unimp_jax.data import formats, pipeline, tasks
 from unimp_jax.eval import generate, metrics, ranking
 from unimp_jax.model import vision
 
@@ -277,11 +277,9 @@ def evaluate_rows(graphdef, params, builder: tasks.TaskBuilder, *, split: str, s
 def by_target_kind(rows: dict[str, np.ndarray], dataset) -> dict[str, dict[str, np.ndarray]]:
   """Rows split by whether their target item is warm or cold (`extra.cold_items`: released after the
   data's cut-off, never in training); {} for data without cold items."""
-  cold_items = dataset.manifest.get('extra', {}).get('cold_items')
-  if not cold_items:
+  cold = formats.cold_mask(dataset)
+  if not cold.any():
     return {}
-  cold = np.zeros(len(dataset.items), bool)
-  cold[cold_items] = True
   targets = np.asarray([dataset.user(int(u)).interactions[t].item for u, t in zip(rows['user'], rows['target'])])
   parts = {'warm': ~cold[targets], 'cold': cold[targets]}
   return {kind: {k: v[keep] for k, v in rows.items()} for kind, keep in parts.items() if keep.any()}
