@@ -5,7 +5,7 @@ import pytest
 
 from unimp_jax import baselines
 from unimp_jax.baselines import classic, sasrec
-from unimp_jax.data import formats, pipeline
+from unimp_jax.data import formats, splits
 from unimp_jax.eval import ranking
 
 # Leave-last-out: each user trains on all but the last two items; valid = second to last, test = last.
@@ -72,7 +72,7 @@ def test_cooccurrence_hand_computed(hand_made):
 def test_ranks_follow_the_protocol_for_any_scores(hand_made):
   histories, targets, seen = baselines.stage_examples(hand_made, 'leave_last_out', 'test')
   assert list(targets) == [5, 3, 7, 3] and [list(h) for h in histories] == [list(u[:-1]) for u in HAND_MADE]
-  users = pipeline.split_users(hand_made, 'by_user', 'test')
+  users = splits.split_users(hand_made, 'by_user', 'test')
   _, targets, _ = baselines.stage_examples(hand_made, 'by_user', 'test')
   assert list(targets) == [HAND_MADE[u][-1] for u in users]
   # The worst scores for the target: every unseen item ranks above it, never a seen one.

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic, tasks
+from unimp_jax.data import formats, pipeline, prompts, synthetic
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
@@ -134,7 +134,7 @@ def builder(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('data') / 'fashion')
   synthetic.build(path, num_items=100, num_users=40, seed=0, image_size=16, bpe_vocab=500)
   dataset = formats.UnifiedDataset(path)
-  return tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=160, num_images=6, history=4)
+  return prompts.TaskBuilder(dataset, dataset.tokenizer(), seq_len=160, num_images=6, history=4)
 
 
 def test_the_data_position_and_config_round_trip(builder, tmp_path, devices):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic
+from unimp_jax import config as config_lib, tasks
+from unimp_jax.data import formats, pipeline, splits, synthetic
 from unimp_jax.eval import evaluate
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
@@ -38,26 +38,26 @@ def rows(setup, task, method='full', shard=0, shards=1):
   cfg, builder, graphdef, params, cache = setup
   key = (task, method, shard, shards)
   if key not in cache:
-    users = pipeline.split_users(builder.dataset, cfg.data.split, 'test')
+    users = splits.split_users(builder.dataset, cfg.data.split, 'test')
     cache[key] = evaluate.share_rows(graphdef, params, builder, task, users, shard, shards, split=cfg.data.split,
                                      stage='test', batch_size=BATCH, ranking_method=method)
   return cache[key]
 
 
-@pytest.mark.parametrize('task', evaluate.EVAL_TASKS)
+@pytest.mark.parametrize('task', tasks.EVALUATED)
 def test_two_processes_give_the_numbers_of_one(setup, task):
   builder = setup[1]
   one = evaluate.summarise(task, rows(setup, task), builder)
   halves = evaluate.merge([rows(setup, task, shard=0, shards=2), rows(setup, task, shard=1, shards=2)])
   two = evaluate.summarise(task, halves, builder)
   assert one == two
-  assert one['users'] == len(pipeline.split_users(builder.dataset, 'by_user', 'test'))
+  assert one['users'] == len(splits.split_users(builder.dataset, 'by_user', 'test'))
 
 
 def test_more_processes_than_users_give_the_numbers_of_one(setup):
   """8 processes for 6 test users: the two without users contribute empty rows of the right columns."""
   cfg, builder = setup[:2]
-  users = pipeline.split_users(builder.dataset, cfg.data.split, 'test')
+  users = splits.split_users(builder.dataset, cfg.data.split, 'test')
   assert len(users) < 8
   shards = [rows(setup, 'recommendation', shard=k, shards=8) for k in range(8)]
   one = rows(setup, 'recommendation')

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, semantic_ids, synthetic, tasks
+from unimp_jax import config as config_lib, tasks
+from unimp_jax.data import formats, pipeline, prompts, semantic_ids, synthetic
 from unimp_jax.train import report
 
 
@@ -48,7 +48,7 @@ def test_text_only_prompts_have_no_pictures(dataset, task):
   target = len(user.interactions) - 1
   ex = text.build(task, user, target, with_answer=True, rng=np.random.default_rng(0))
   with_pictures = full.build(task, user, target, with_answer=True, rng=np.random.default_rng(0))
-  assert not (ex.tokens == text.ids.image).any() and (ex.image_items == tasks.IGNORE).all()
+  assert not (ex.tokens == text.ids.image).any() and (ex.image_items == prompts.IGNORE).all()
   # The same prompt as UniMP's with every `<image>` removed (same history: no image-slot limit hit here).
   np.testing.assert_array_equal(ex.tokens[ex.tokens != text.pad],
                                 with_pictures.tokens[(with_pictures.tokens != full.pad)
@@ -65,7 +65,7 @@ def test_id_only_prompts_are_the_id_sequence(dataset):
   history = [i.item for i in user.interactions[:target]][-4:]
   rec = ids_only.build('recommendation', user, target, with_answer=True)
   expected = [tok for item in history for tok in (ids.answer, ids.item(item), ids.end_of_chunk)]
-  instruction = ids_only._instruction('recommendation', user.interactions[target])
+  instruction = ids_only._instruction(tasks.TASKS['recommendation'].instruction, user.interactions[target])
   np.testing.assert_array_equal(rec.tokens[:rec.prompt_length], [*expected, *instruction, ids.answer])
   assert rec.tokens[rec.prompt_length] == ids.item(user.interactions[target].item)
   for task in ('recommendation', 'search', 'preference', 'selection'):

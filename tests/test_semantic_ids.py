@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, semantic_ids, synthetic, tasks
+from unimp_jax.data import formats, pipeline, prompts, semantic_ids, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 
 
@@ -191,7 +191,7 @@ def test_ids_from_our_own_towers(dataset, tmp_path):
   assert embeddings.shape == (len(dataset.items), cfg.model.vision.width + cfg.model.lm.width)
   np.testing.assert_allclose(np.linalg.norm(embeddings[:, :64], axis=1), 1.0, rtol=1e-5)
   # The text half is the mean input embedding of the item's text tokens.
-  text = tok.encode(tasks.TaskBuilder.item_line(dataset.items[5]), add_special_tokens=False)
+  text = tok.encode(prompts.TaskBuilder.item_line(dataset.items[5]), add_special_tokens=False)
   rows = np.asarray(params['lm']['embed'])[text].mean(0)
   np.testing.assert_allclose(embeddings[5, 64:], rows / np.linalg.norm(rows), rtol=1e-4, atol=1e-6)
   builder = pipeline.make_builder(cfg, dataset, str(tmp_path), params=params, graphdef=graphdef)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from unimp_jax.data import formats, synthetic
+from unimp_jax.data import formats, splits, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 
 SMALL = dict(num_items=200, num_users=120, image_size=16, bpe_vocab=400)
@@ -108,7 +108,7 @@ def test_no_cold_item_reaches_a_training_example(built, split):
   cfg.model.vision.image_size = built.image_size
   builder = pipeline.make_builder(cfg, built)
   cold_tokens = builder.ids.item(cold)
-  users = len(pipeline.split_users(built, split, 'train'))
+  users = len(splits.split_users(built, split, 'train'))
   examples, tasks_seen = 0, set()
   for batch in pipeline.make_dataset(builder, cfg.data, seed=0, num_epochs=2):
     tasks_seen |= set(batch['task'].tolist())
@@ -117,5 +117,5 @@ def test_no_cold_item_reaches_a_training_example(built, split):
     assert not np.isin(batch['target'][:, 0], cold).any()
     examples += len(batch['tokens'])
   assert examples >= 2 * users - cfg.data.batch_size and tasks_seen == {0, 1, 2, 3}  # every trained task
-  test_targets = [built.user(int(u)).interactions[-1].item for u in pipeline.split_users(built, 'by_user', 'test')]
+  test_targets = [built.user(int(u)).interactions[-1].item for u in splits.split_users(built, 'by_user', 'test')]
   assert np.isin(test_targets, cold).any()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic, tasks
+from unimp_jax import tasks
+from unimp_jax.data import formats, pipeline, prompts, splits, synthetic
 from unimp_jax.data.tokenizer import TokenIds
 
 
@@ -19,7 +20,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def builder(dataset):
-  return tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=160, num_images=6, history=4)
+  return prompts.TaskBuilder(dataset, dataset.tokenizer(), seq_len=160, num_images=6, history=4)
 
 
 def _reference_mask(tokens, ids, pad):
@@ -78,12 +79,12 @@ def test_selection_without_stored_questions_asks_for_the_true_next_item(builder,
 
 def test_history_is_cut_to_fit_and_impossible_prompts_name_the_key(dataset):
   tok = dataset.tokenizer()
-  small = tasks.TaskBuilder(dataset, tok, seq_len=64, num_images=2, history=10)
+  small = prompts.TaskBuilder(dataset, tok, seq_len=64, num_images=2, history=10)
   user = dataset.user(1)
   ex = small.build('recommendation', user, len(user.interactions) - 1, with_answer=True)
   assert (ex.image_items >= 0).sum() <= 2 and (ex.tokens != tok.pad_token_id).sum() <= 64
-  with pytest.raises(tasks.PromptTooLong, match='config.data.seq_len'):
-    tasks.TaskBuilder(dataset, tok, seq_len=30, num_images=6, history=3).build(
+  with pytest.raises(prompts.PromptTooLong, match='config.data.seq_len'):
+    prompts.TaskBuilder(dataset, tok, seq_len=30, num_images=6, history=3).build(
         'selection', user, 2, with_answer=True, rng=np.random.default_rng(0))
 
 
@@ -119,7 +120,7 @@ def test_batches_are_a_function_of_the_seed_and_resume_exactly(builder):
 
 def test_two_processes_split_the_examples_without_duplicates(builder, dataset):
   cfg = _data_cfg()
-  users = pipeline.split_users(dataset, 'by_user', 'train')
+  users = splits.split_users(dataset, 'by_user', 'train')
   steps = len(users) // cfg.batch_size  # one epoch
   single = _batches(builder, cfg, steps)
   halves = [_batches(builder, cfg, steps, process_index=p, process_count=2) for p in range(2)]
@@ -137,8 +138,8 @@ def test_task_mixture_and_weights(builder):
   batches = _batches(builder, cfg, 12)
   task = np.concatenate([b['task'] for b in batches])
   weight = np.concatenate([b['weight'] for b in batches])
-  assert set(task) <= {tasks.TASKS.index('recommendation'), tasks.TASKS.index('search')}
-  assert 0.5 < np.mean(task == tasks.TASKS.index('recommendation')) < 0.95
+  assert set(task) <= {tasks.NAMES.index('recommendation'), tasks.NAMES.index('search')}
+  assert 0.5 < np.mean(task == tasks.NAMES.index('recommendation')) < 0.95
   np.testing.assert_array_equal(weight, np.where(task == 0, 2.0, 1.0))
 
 
@@ -166,7 +167,7 @@ def test_items_without_pictures_work_end_to_end(tmp_path):
   convert.main(['movielens', '--root', root, '--out', str(tmp_path / 'ml'), '--min_user_interactions', '3',
                 '--min_item_interactions', '2', '--image_size', '16', '--bpe_vocab', '300'])
   dataset = formats.UnifiedDataset(str(tmp_path / 'ml'))
-  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=320, num_images=4, history=4)
+  builder = prompts.TaskBuilder(dataset, dataset.tokenizer(), seq_len=320, num_images=4, history=4)
   cfg = _data_cfg(batch_size=2, seq_len=320, num_images=4, split='by_user',
                   tasks=dict(recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0))
   batch = _batches(builder, cfg, 1)[0]
@@ -195,9 +196,9 @@ def test_orbax_checkpoints_the_iterator_state(builder, tmp_path):
 def test_generation_prompts_carry_image_codes(dataset):
   from unimp_jax.data import tokenizer as tokenizer_lib
   codes = np.random.default_rng(0).integers(0, 16, (len(dataset.items), 4))
-  tok = tokenizer_lib.with_unimp_tokens(tokenizer_lib.train_bpe(tasks.tokenizer_corpus(dataset.items, []), 500),
+  tok = tokenizer_lib.with_unimp_tokens(tokenizer_lib.train_bpe(prompts.tokenizer_corpus(dataset.items, []), 500),
                                         num_items=len(dataset.items), num_slots=3, num_image_codes=16)
-  builder = tasks.TaskBuilder(dataset, tok, seq_len=200, num_images=6, history=3, image_codes=codes)
+  builder = prompts.TaskBuilder(dataset, tok, seq_len=200, num_images=6, history=3, image_codes=codes)
   user = dataset.user(0)
   target = len(user.interactions) - 1
   ex = builder.build('generation', user, target, with_answer=True)
@@ -223,3 +224,18 @@ def test_global_batches_are_sharded_over_the_batch_axes(builder):
     assert value.shape == local[key].shape and value.sharding.spec[0] == ('data', 'fsdp')
     assert value.addressable_shards[0].data.shape[0] == 1
     np.testing.assert_array_equal(np.asarray(value), local[key])
+
+
+def test_the_registry_is_what_the_config_and_batches_name(builder, dataset):
+  """One entry per config key; batches index tasks in registry order; only scored tasks are evaluated."""
+  cfg = config_lib.base_config()
+  assert set(tasks.NAMES) == set(cfg.data.tasks) == set(cfg.data.task_weights) and len(tasks.NAMES) == 5
+  assert all(name == task.name for name, task in tasks.TASKS.items())
+  assert 'generation' not in tasks.EVALUATED and set(tasks.EVALUATED) < set(tasks.NAMES)
+  user = dataset.user(0)
+  for i, name in enumerate(tasks.NAMES[:4]):
+    assert builder.build(name, user, 2, with_answer=True, rng=np.random.default_rng(0)).task == i
+  with pytest.raises(ValueError, match="unknown task 'reranking'"):
+    builder.build('reranking', user, 2, with_answer=True)
+  with pytest.raises(ValueError, match='not scored yet'):
+    tasks.TASKS['generation'].evaluate(None, None)

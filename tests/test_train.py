@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic, tasks
+from unimp_jax.data import formats, pipeline, prompts, synthetic
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import loss as loss_lib
@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
   dataset = formats.UnifiedDataset(path)
   pipeline.fit_model_to_dataset(cfg, dataset)
   cfg.data.update(seq_len=128, num_images=5, history=4)
-  builder = tasks.TaskBuilder(dataset, dataset.tokenizer(), seq_len=128, num_images=5, history=4)
+  builder = prompts.TaskBuilder(dataset, dataset.tokenizer(), seq_len=128, num_images=5, history=4)
   batch = next(iter(pipeline.make_dataset(builder, cfg.data, seed=0)))
   batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])  # numerics: one device compiles fastest

@@ -28,10 +28,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimp_jax import baselines
+from unimp_jax import baselines, tasks
 from unimp_jax.baselines import attributes
 from unimp_jax.baselines import ratings as rating_baselines
-from unimp_jax.data import movielens, pipeline
+from unimp_jax.data import movielens, splits
 from unimp_jax.eval import evaluate, metrics, ranking
 from unimp_jax.train import report, trainer
 
@@ -49,8 +49,6 @@ VARIANTS = {'fashion': {'UniMP': ('image+text', 'atomic', 'content'),
                         'UniMP IDs only': ('ids', 'atomic', 'learned'),
                         'UniMP semantic ids': ('image+text', 'semantic', 'learned')},
             'movielens': {'UniMP': ('text', 'atomic', 'content'), 'UniMP IDs only': ('ids', 'atomic', 'learned')}}
-TASKS = {'fashion': ('recommendation', 'search', 'preference', 'selection'),
-         'movielens': ('recommendation', 'preference')}
 
 
 def _slug(name: str) -> str:
@@ -60,7 +58,7 @@ def _slug(name: str) -> str:
 def users_per_second(run, cfg, method: str) -> float:
   """Recommendation users/s of one ranking method over the test users, timed on a second pass (the first
   compiles every prompt-length bucket)."""
-  users = pipeline.split_users(run.builder.dataset, cfg.data.split, 'test')
+  users = splits.split_users(run.builder.dataset, cfg.data.split, 'test')
   kw = dict(split=cfg.data.split, stage='test', batch_size=cfg.data.batch_size, ranking_method=method)
   params = run.params
   evaluate.task_rows(run.graphdef, params, run.builder, 'recommendation', users, **kw)
@@ -92,9 +90,10 @@ def main(argv):
     run = trainer.train(cfg, os.path.join(workdir, _slug(variant)))
     runs[variant] = run
     rows = evaluate.evaluate_rows(run.graphdef, run.params, run.builder, split=cfg.data.split,
-                                  batch_size=cfg.data.batch_size, tasks_to_run=TASKS[name])
+                                  batch_size=cfg.data.batch_size,
+                                  tasks_to_run=[t for t in tasks.EVALUATED if cfg.data.tasks[t] > 0])
     results[variant] = evaluate.summaries(rows, run.builder)
-    users = pipeline.split_users(run.builder.dataset, cfg.data.split, 'test')
+    users = splits.split_users(run.builder.dataset, cfg.data.split, 'test')
     if not np.array_equal(rows['recommendation']['user'], users):  # the baselines' order
       raise RuntimeError(f'{variant}: evaluated users differ from the stage users; intervals would not be paired')
     user_ranks[variant] = rows['recommendation']['rank']

@@ -15,7 +15,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from unimp_jax.data import pipeline, semantic_ids, tasks
+from unimp_jax import tasks
+from unimp_jax.data import prompts, semantic_ids, splits
 from unimp_jax.model import items
 from unimp_jax.sharding import mesh as mesh_lib
 
@@ -79,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.history = 10       # most recent items in a prompt (fewer when seq_len or num_images run out)
   c.data.workers = 0        # Grain worker processes (0: in the training process)
   # What an item chunk shows: 'image+text' (UniMP), 'text' (no pictures; the model runs without images)
-  # or 'ids' (only the item's id tokens: the history is the id sequence). See unimp_jax.data.tasks.
+  # or 'ids' (only the item's id tokens: the history is the id sequence). See unimp_jax.data.prompts.
   c.data.item_content = 'image+text'
   # How an item is written: 'atomic' (one token item_i per item) or 'semantic' (residual k-means codes of
   # item embeddings, one token per level and code, sid_{level}_{code}; unimp_jax.data.semantic_ids).
@@ -165,12 +166,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
            'lower mesh.tensor or change the head count')
   _check(cfg.data.batch_size % (data * fsdp) == 0, 'data.batch_size',
          f'{cfg.data.batch_size} is not divisible by mesh.data*mesh.fsdp={data * fsdp}')
-  _check(cfg.data.split in pipeline.SPLITS, 'data.split', f'{cfg.data.split!r} is not one of {pipeline.SPLITS}')
+  _check(cfg.data.split in splits.SPLITS, 'data.split', f'{cfg.data.split!r} is not one of {splits.SPLITS}')
   for key in ('tasks', 'task_weights'):
-    _check(set(cfg.data[key]) == set(tasks.TASKS), f'data.{key}', f'needs exactly the tasks {tasks.TASKS}')
+    _check(set(cfg.data[key]) == set(tasks.NAMES), f'data.{key}', f'needs exactly the tasks {tasks.NAMES}')
   _check(sum(cfg.data.tasks.values()) > 0 and min(cfg.data.tasks.values()) >= 0, 'data.tasks',
          'proportions must be >= 0 and not all 0')
-  _check_choice(cfg, 'data.item_content', tasks.ITEM_CONTENTS)
+  _check_choice(cfg, 'data.item_content', prompts.ITEM_CONTENTS)
   _check_choice(cfg, 'data.item_ids', ITEM_IDS)
   _check_choice(cfg, 'model.item_embeddings', items.ITEM_EMBEDDINGS)
   if m.item_embeddings == 'content':

@@ -22,8 +22,10 @@ import sys
 import numpy as np
 from absl import logging
 
+from unimp_jax import tasks
 from unimp_jax.data import formats
 from unimp_jax.eval import evaluate as evaluate_lib, predictor as predictor_lib, ranking
+from unimp_jax.tasks import base
 from unimp_jax.train import report
 
 HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 10**9))  # history items before the target
@@ -41,7 +43,7 @@ def per_user_records(task: str, rows: dict[str, np.ndarray], builder) -> list[di
       record.update(rank=int(rows['rank'][i]), top=[int(x) for x in rows['top'][i] if x >= 0])
     if 'rating_probs' in rows:
       record.update(rating=int(rows['rating'][i]), rating_probs=[float(p) for p in rows['rating_probs'][i]],
-                    explanation=evaluate_lib.decode_text(builder, rows['explanation'][i]))
+                    explanation=base.decode_text(builder, rows['explanation'][i]))
     if 'chosen' in rows:
       record.update(chosen_slots=int(rows['chosen'][i]), positive_slots=int(rows['positives'][i]))
     records.append(record)
@@ -64,16 +66,16 @@ def main(argv=None) -> dict:
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--step', type=int, default=None, help='a checkpoint step (default: the newest)')
   parser.add_argument('--stage', choices=('test', 'valid'), default='test')
-  parser.add_argument('--tasks', default=','.join(evaluate_lib.EVAL_TASKS))
+  parser.add_argument('--tasks', default=','.join(tasks.EVALUATED))
   parser.add_argument('--ranking', choices=evaluate_lib.RANKINGS, default=None,
                       help='default: full for atomic ids, beam for semantic ones')
   parser.add_argument('--negatives', type=int, default=0, help='sampled-negatives protocol (0: full catalogue)')
   parser.add_argument('--ks', default=','.join(map(str, ranking.KS)))
   parser.add_argument('--per_user', default=None, help='JSONL file (default WORKDIR/eval-STAGE.jsonl)')
   args = parser.parse_args(argv)
-  tasks = [t for t in args.tasks.split(',') if t]
-  if not tasks or any(t not in evaluate_lib.EVAL_TASKS for t in tasks):
-    parser.error(f'--tasks {args.tasks!r}: a comma-separated list from {evaluate_lib.EVAL_TASKS}')
+  names = [t for t in args.tasks.split(',') if t]
+  if not names or any(t not in tasks.EVALUATED for t in names):
+    parser.error(f'--tasks {args.tasks!r}: a comma-separated list from {tasks.EVALUATED}')
   try:
     ks = tuple(int(k) for k in args.ks.split(','))
   except ValueError:
@@ -89,22 +91,23 @@ def main(argv=None) -> dict:
   predictor = predictor_lib.Predictor.from_workdir(args.workdir, args.step)
   cfg, builder = predictor.cfg, predictor.builder
   rows = evaluate_lib.evaluate_rows(predictor.graphdef, predictor.params, builder, split=cfg.data.split,
-                                    stage=args.stage, batch_size=cfg.data.batch_size, tasks_to_run=tasks,
+                                    stage=args.stage, batch_size=cfg.data.batch_size, tasks_to_run=names,
                                     ranking_method=args.ranking, seed=cfg.seed, negatives=args.negatives)
   protocol = f'{args.negatives} sampled negatives' if args.negatives else 'full catalogue'
   tables, records = {}, []
   for task, task_rows in rows.items():
     records += per_user_records(task, task_rows, builder)
     parts = {'': task_rows}
-    if 'rank' in task_rows:
+    ranked = tasks.TASKS[task].answers_items
+    if ranked:
       parts.update({f', {kind} targets': part for kind, part in evaluate_lib.by_target_kind(task_rows, builder.dataset).items()})
     for suffix, part in parts.items():
       summary = evaluate_lib.summarise(task, part, builder)
-      if 'rank' in part:
+      if ranked:
         summary = {k: v for k, v in summary.items() if k == 'users' or int(k.split('@')[1]) in ks}
-      label = f'{task}{suffix} ({summary.pop("users")} {args.stage} users' + (f'; {protocol})' if 'rank' in part else ')')
+      label = f'{task}{suffix} ({summary.pop("users")} {args.stage} users' + (f'; {protocol})' if ranked else ')')
       tables[label] = summary
-    if 'rank' in task_rows:
+    if ranked:
       tables[f'{task} by history length'] = by_history_length(task_rows['rank'], task_rows['target'], ks)
 
   path = args.per_user or os.path.join(args.workdir, f'eval-{args.stage}.jsonl')

@@ -5,13 +5,13 @@
 
 The protocol is UniMP's (unimp_jax.eval.evaluate, with unimp_jax.eval.ranking):
 
-  evaluated users   pipeline.split_users(dataset, split, stage), in that order
-  target            interaction pipeline.target_position(n, split, stage); history = everything before it
+  evaluated users   splits.split_users(dataset, split, stage), in that order
+  target            interaction splits.target_position(n, split, stage); history = everything before it
   ranking           full catalogue, the user's earlier items removed (ranking.seen_before), 0-based rank of
                     the target = number of remaining items scored at least as high (ranking.ranks_from_scores)
 
 Training data (`training_sequences`) is what UniMP's own training examples can see, no more:
-  by_user           the full sequences of the train users (`pipeline.split_users(.., 'train')`). Valid and test
+  by_user           the full sequences of the train users (`splits.split_users(.., 'train')`). Valid and test
                     users are never trained on, not even their histories; every baseline reads a user's
                     history only at scoring time, as UniMP does.
   leave_last_out    every user's interactions before their validation target (the first n-2), for the users
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from unimp_jax.baselines import classic, sasrec
-from unimp_jax.data import formats, pipeline
+from unimp_jax.data import formats, splits
 from unimp_jax.eval import ranking
 
 NAMES = ('popularity', 'cooccurrence', 'sasrec')
@@ -32,7 +32,7 @@ NAMES = ('popularity', 'cooccurrence', 'sasrec')
 def training_interactions(dataset: formats.UnifiedDataset, split: str) -> list[tuple[formats.Interaction, ...]]:
   """Per training user, the interactions (chronological) the baselines are fitted on; see the module docstring."""
   out = []
-  for u in pipeline.split_users(dataset, split, 'train'):
+  for u in splits.split_users(dataset, split, 'train'):
     inters = dataset.user(int(u)).interactions
     out.append(inters[:len(inters) - 2] if split == 'leave_last_out' else inters)
   return out
@@ -45,9 +45,9 @@ def training_sequences(dataset: formats.UnifiedDataset, split: str) -> list[np.n
 
 def stage_users(dataset: formats.UnifiedDataset, split: str, stage: str):
   """(user, target position) of each of the stage's users, in `split_users` order."""
-  for u in pipeline.split_users(dataset, split, stage):
+  for u in splits.split_users(dataset, split, stage):
     user = dataset.user(int(u))
-    yield user, pipeline.target_position(len(user.interactions), split, stage, None)
+    yield user, splits.target_position(len(user.interactions), split, stage, None)
 
 
 def stage_examples(dataset: formats.UnifiedDataset, split: str, stage: str):

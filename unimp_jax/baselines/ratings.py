@@ -10,7 +10,7 @@
 
 Training ratings are those of `unimp_jax.baselines.training_interactions`: all of the train users'
 interactions (by_user), or every user's first n-2 (leave_last_out). Users with an unrated interaction
-are skipped, as UniMP's evaluation skips them (`TaskBuilder.available('preference', ...)`).
+are skipped, as UniMP's evaluation skips them (`unimp_jax.tasks.preference.Preference.available`).
 Each baseline predicts one real number: it is scored as the expected rating, and rounded as the argmax.
 """
 

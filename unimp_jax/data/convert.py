@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from unimp_jax.data import images as images_lib
-from unimp_jax.data import tasks
+from unimp_jax.data import prompts
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.formats import DatasetError, Interaction, Item, User, split_by_user, write_dataset
 
@@ -471,7 +471,7 @@ def build(raw: Raw, opts: Options, source_format: str) -> dict[str, Any]:
   if opts.tokenizer:
     base = tokenizer_lib.load_base(opts.tokenizer)
   else:
-    base = tokenizer_lib.train_bpe(tasks.tokenizer_corpus(items, users), opts.bpe_vocab)
+    base = tokenizer_lib.train_bpe(prompts.tokenizer_corpus(items, users), opts.bpe_vocab)
   tokenizer = tokenizer_lib.with_unimp_tokens(base, num_items=len(items), num_slots=NUM_SLOTS, num_image_codes=0)
 
   extra = {

@@ -19,30 +19,11 @@ import jax.experimental.multihost_utils
 import numpy as np
 from absl import logging
 
-from unimp_jax.data import formats, semantic_ids, synthetic, tasks
+from unimp_jax import tasks
+from unimp_jax.data import formats, prompts, semantic_ids, splits, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.sharding import mesh as mesh_lib
-
-SPLITS = ('by_user', 'leave_last_out')
-STAGES = ('train', 'valid', 'test')
-
-
-def split_users(dataset: formats.UnifiedDataset, split: str, stage: str) -> np.ndarray:
-  """Indices of the users an epoch runs over (users too short to have a target are left out)."""
-  if split not in SPLITS or stage not in STAGES:
-    raise ValueError(f'config.data.split={split!r} / stage={stage!r}: choose from {SPLITS} x {STAGES}')
-  users = dataset.splits[stage] if split == 'by_user' else range(dataset.num_users)
-  min_len = 4 if split == 'leave_last_out' else 2  # leave-last-out keeps 2 targets back + 1 history + 1 train
-  return np.asarray([u for u in users if len(dataset.user(u).interactions) >= min_len], np.int64)
-
-
-def target_position(num: int, split: str, stage: str, rng: np.random.Generator) -> int:
-  """Which interaction is the answer. Training draws a fresh one per epoch; evaluation is fixed."""
-  if stage == 'train':
-    return int(rng.integers(1, num - 2 if split == 'leave_last_out' else num))
-  return num - 2 if (split == 'leave_last_out' and stage == 'valid') else num - 1
-
 
 def gather_images(dataset: formats.UnifiedDataset, image_items: np.ndarray) -> np.ndarray:
   """uint8 [slots, H, W, 3]: the pictures of the slots' items, zeros for empty slots (-1)."""
@@ -57,7 +38,7 @@ def gather_images(dataset: formats.UnifiedDataset, image_items: np.ndarray) -> n
 @dataclasses.dataclass
 class MakeExample:
   """(epoch, user) -> feature dict. Picklable, so Grain worker processes can run it."""
-  builder: tasks.TaskBuilder
+  builder: prompts.TaskBuilder
   seed: int
   split: str
   stage: str
@@ -68,8 +49,8 @@ class MakeExample:
     epoch, user_index = epoch_user
     rng = np.random.default_rng([self.seed, epoch, user_index])
     user = self.builder.dataset.user(user_index)
-    target = target_position(len(user.interactions), self.split, self.stage, rng)
-    names = [t for t, p in self.proportions.items() if p > 0 and self.builder.available(t, user)]
+    target = splits.target_position(len(user.interactions), self.split, self.stage, rng)
+    names = [t for t, p in self.proportions.items() if p > 0 and tasks.TASKS[t].available(self.builder, user)]
     p = np.asarray([self.proportions[t] for t in names], np.float64)
     task = names[int(rng.choice(len(names), p=p / p.sum()))]
     ex = self.builder.build(task, user, target, with_answer=self.stage == 'train', rng=rng)
@@ -81,7 +62,7 @@ class MakeExample:
     return features
 
 
-def make_dataset(builder: tasks.TaskBuilder, data_cfg, *, seed: int, stage: str = 'train',
+def make_dataset(builder: prompts.TaskBuilder, data_cfg, *, seed: int, stage: str = 'train',
                  num_epochs: int | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
   """This process's batches (of `batch_size / process_count` examples) as a Grain IterDataset."""
@@ -89,7 +70,7 @@ def make_dataset(builder: tasks.TaskBuilder, data_cfg, *, seed: int, stage: str 
   process_count = jax.process_count() if process_count is None else process_count
   if data_cfg.batch_size % process_count:
     raise ValueError(f'config.data.batch_size={data_cfg.batch_size} is not divisible by {process_count} processes')
-  users = split_users(builder.dataset, data_cfg.split, stage)
+  users = splits.split_users(builder.dataset, data_cfg.split, stage)
   n = len(users)
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map_with_index(lambda g, i: (g // n, int(users[i])))  # global index -> (epoch, user)
@@ -136,7 +117,7 @@ def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
 
 
 def make_builder(cfg, dataset: formats.UnifiedDataset, workdir: str | None = None, params=None,
-                 graphdef=None) -> tasks.TaskBuilder:
+                 graphdef=None) -> prompts.TaskBuilder:
   """The one place a task builder is made from a config: training, evaluation and prediction.
 
   Fits `cfg.model.lm` to the dataset (as `fit_model_to_dataset`). With `data.item_ids = 'semantic'` the
@@ -148,8 +129,8 @@ def make_builder(cfg, dataset: formats.UnifiedDataset, workdir: str | None = Non
   if cfg.data.item_ids == 'semantic':
     tokenizer = tokenizer_lib.with_semantic_tokens(tokenizer, semantic_ids.codebook_sizes(cfg.data.semantic))
     codes = semantic_ids.for_run(cfg, dataset, tokenizer, workdir, params, graphdef).codes
-  return tasks.TaskBuilder(dataset, tokenizer, seq_len=cfg.data.seq_len, num_images=cfg.data.num_images,
-                           history=cfg.data.history, item_codes=codes, item_content=cfg.data.item_content)
+  return prompts.TaskBuilder(dataset, tokenizer, seq_len=cfg.data.seq_len, num_images=cfg.data.num_images,
+                             history=cfg.data.history, item_codes=codes, item_content=cfg.data.item_content)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:

@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from unimp_jax.data import formats, tasks
+from unimp_jax.data import formats, prompts
 from unimp_jax.model import vision
 
 CODES_FILE = 'semantic_ids.json'
@@ -197,7 +197,7 @@ def tower_embeddings(graphdef, params, dataset: formats.UnifiedDataset, tokenize
   all items when `use_pictures` is False (a model that never sees pictures must not get them through its
   ids), get a zero picture half.
   """
-  text = [tokenizer.encode(tasks.TaskBuilder.item_line(item), add_special_tokens=False) for item in dataset.items]
+  text = [tokenizer.encode(prompts.TaskBuilder.item_line(item), add_special_tokens=False) for item in dataset.items]
   width = max(map(len, text))
   tokens = np.full((len(text), width), tokenizer.pad_token_id, np.int32)
   for i, t in enumerate(text):

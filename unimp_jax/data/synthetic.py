@@ -26,7 +26,7 @@ import struct
 import numpy as np
 from PIL import Image
 
-from unimp_jax.data import formats, tasks
+from unimp_jax.data import formats, prompts
 from unimp_jax.data import tokenizer as tokenizer_lib
 
 ASSETS = os.path.join(os.path.dirname(__file__), 'assets', 'fashion_mnist')
@@ -222,7 +222,7 @@ def build(out: str, *, num_items: int = 1250, num_users: int = 10_000, seed: int
   oracle, blind, target_cold = np.asarray(oracle)[test], np.asarray(blind)[test], np.asarray(target_cold)[test]
   ceiling = lambda values, where: round(float(values[where].mean()), 4) if where.any() else None
 
-  base = tokenizer_lib.train_bpe(tasks.tokenizer_corpus(items, users), bpe_vocab)
+  base = tokenizer_lib.train_bpe(prompts.tokenizer_corpus(items, users), bpe_vocab)
   tokenizer = tokenizer_lib.with_unimp_tokens(base, num_items=num_items,
                                               num_slots=NUM_SLOTS, num_image_codes=0)
   # Ceilings over the test users' last purchases: all, warm targets only, cold targets only.

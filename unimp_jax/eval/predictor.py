@@ -20,10 +20,11 @@ import numpy as np
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, images as images_lib, pipeline, tasks
-from unimp_jax.eval import evaluate, generate
+from unimp_jax.data import formats, images as images_lib, pipeline, prompts
+from unimp_jax.eval import generate
 from unimp_jax.model import items, unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.tasks import base, preference, recommendation, search, selection
 from unimp_jax.train import checkpoint as checkpoint_lib
 
 
@@ -122,9 +123,9 @@ class Predictor:
     if new:
       if builder.item_content == 'ids':
         raise ValueError('this model reads item ids only (config.data.item_content=ids): new items cannot be shown')
-      builder = tasks.TaskBuilder(view, builder.tokenizer, seq_len=builder.seq_len, num_images=builder.num_images,
-                                  history=builder.history, item_codes=builder.item_codes,
-                                  item_content=builder.item_content)
+      builder = prompts.TaskBuilder(view, builder.tokenizer, seq_len=builder.seq_len, num_images=builder.num_images,
+                                    history=builder.history, item_codes=builder.item_codes,
+                                    item_content=builder.item_content)
     ids, next_new = [], len(self.dataset.items)
     for h in history:
       if isinstance(h, NewItem):
@@ -144,13 +145,13 @@ class Predictor:
     return builder, example, tokens, images, np.asarray([example.prompt_length], np.int32)
 
   def _answer_logits(self, tokens, images, lengths) -> np.ndarray:
-    return np.asarray(evaluate.answer_logits(self.graphdef, self.params, tokens, images, lengths,
-                                             pad_id=self.builder.pad))[0]
+    return np.asarray(base.answer_logits(self.graphdef, self.params, tokens, images, lengths,
+                                         pad_id=self.builder.pad))[0]
 
   def recommend(self, history: list, k: int = 10, query: str = '') -> list[tuple[int, float]]:
     """The k most likely next items (probabilities over the catalogue), history items excluded; a
     query turns it into search."""
-    task = 'search' if query else 'recommendation'
+    task = (search.TASK if query else recommendation.TASK).name
     builder, _, tokens, images, lengths = self._example(task, history, formats.Interaction(item=0, query=query))
     item_tokens = builder.item_tokens
     if item_tokens.shape[1] == 1:
@@ -163,7 +164,7 @@ class Predictor:
       return [(int(i), float(probs[i])) for i in top]
     banned = np.zeros((1, len(item_tokens)), bool)
     banned[0, [h for h in history if not isinstance(h, NewItem)]] = True
-    trie = evaluate.item_trie(self.builder)
+    trie = base.item_trie(self.builder)
     out, scores = generate.beam_search(self.graphdef, self.params, tokens, images, lengths, banned, num_beams=k,
                                        max_new=item_tokens.shape[1], pad_id=builder.pad, eos_id=builder.eos, trie=trie)
     items = trie.items(np.asarray(out)[0])
@@ -172,18 +173,19 @@ class Predictor:
   def rate(self, history: list, item: int) -> dict:
     """Rating probabilities for `item`, the argmax and expected rating, and the explanation generated
     after the argmax rating."""
-    builder, _, tokens, images, lengths = self._example('preference', history, formats.Interaction(item=int(item)))
-    probs, text = evaluate.rating_and_explanation(self.graphdef, self.params, builder, tokens, images, lengths)
+    builder, _, tokens, images, lengths = self._example(preference.TASK.name, history,
+                                                        formats.Interaction(item=int(item)))
+    probs, text = preference.rating_and_explanation(self.graphdef, self.params, builder, tokens, images, lengths)
     probs = probs[0]
     return {'rating': int(probs.argmax()) + 1, 'expected_rating': float(np.dot(probs, np.arange(1, 6))),
-            'probabilities': probs.tolist(), 'explanation': evaluate.decode_text(builder, text[0])}
+            'probabilities': probs.tolist(), 'explanation': base.decode_text(builder, text[0])}
 
   def select(self, history: list, candidates: list[int]) -> list[int]:
     """The candidates (catalogue item ids) the model picks for this user."""
     if len(candidates) != self.builder.ids.num_slots:
       raise ValueError(f'selection takes exactly {self.builder.ids.num_slots} candidates, got {len(candidates)}')
     question = formats.Selection(tuple(int(c) for c in candidates), (int(candidates[0]),))
-    builder, _, tokens, images, lengths = self._example('selection', history, formats.Interaction(item=0),
+    builder, _, tokens, images, lengths = self._example(selection.TASK.name, history, formats.Interaction(item=0),
                                                         selections=(question,))
-    mask = int(evaluate.chosen_slots(self.graphdef, self.params, builder, tokens, images, lengths)[0])
+    mask = int(selection.chosen_slots(self.graphdef, self.params, builder, tokens, images, lengths)[0])
     return [c for s, c in enumerate(candidates) if mask >> s & 1]

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax.nnx import traversals
 
-from unimp_jax.data import tasks
+from unimp_jax import tasks
 from unimp_jax.hf import files, mapping
 
 _UNITS = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'B': 1}
@@ -88,7 +88,7 @@ def model_card(cfg, dataset, step: int, architecture: str, tokenizer) -> str:
   manifest = dataset.manifest
   layout = tokenizer.unimp_layout
   mixture = ', '.join(f'{t} {w:g}' for t, w in cfg.data.tasks.items() if w > 0)
-  instructions = '\n'.join(f'- {task}: "{text}"' for task, text in tasks.INSTRUCTIONS.items() if cfg.data.tasks[task] > 0)
+  instructions = '\n'.join(f'- {name}: "{task.instruction}"' for name, task in tasks.TASKS.items() if cfg.data.tasks[name] > 0)
   return f"""---
 library_name: transformers
 tags: [unimp, recommendation, idefics, jax]

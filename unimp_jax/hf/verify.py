@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 
-from unimp_jax.data import pipeline
+from unimp_jax.data import pipeline, splits
 from unimp_jax.eval import generate
 from unimp_jax.hf import files
 from unimp_jax.model import unimp, vision
@@ -89,7 +89,7 @@ def inputs(builder, *, long: int, uses_images: bool, seed: int = 0):
   """{'short': ..., 'long': ...}: (tokens [B, T], normalised images [B, N, H, W, C] or None, mask [B, T])."""
   rng = np.random.default_rng(seed)
   dataset = builder.dataset
-  users = pipeline.split_users(dataset, 'by_user', 'test')[:2]
+  users = splits.split_users(dataset, 'by_user', 'test')[:2]
   examples = []
   for task in ('recommendation', 'preference'):
     for u in users:

@@ -56,7 +56,7 @@ def standardise(x_nd: jax.Array) -> jax.Array:
 
 
 def content_rows(model, arrays: dict[str, jax.Array], *, pad_id: int) -> jax.Array:
-  """[N, LM width] content rows of every item of the catalogue `arrays` (unimp_jax.data.tasks.Catalogue)."""
+  """[N, LM width] content rows of every item of the catalogue `arrays` (unimp_jax.data.prompts.Catalogue)."""
   text_nl = arrays['text']
   valid = (text_nl != pad_id)[..., None].astype(jnp.float32)
   words = model.lm.embed_tokens(jnp.where(text_nl != pad_id, text_nl, 0)).astype(jnp.float32)
@@ -75,7 +75,7 @@ def with_item_rows(graphdef, params: dict, catalogue: dict[str, jax.Array] | Non
 
   Differentiable: the train step calls it inside the loss, so gradients reach the projections and the
   text embeddings through every item row. A model with learned rows (no `items` encoder) is returned as it
-  is; a model with content rows needs the `catalogue` arrays (unimp_jax.data.tasks.Catalogue.arrays).
+  is; a model with content rows needs the `catalogue` arrays (unimp_jax.data.prompts.Catalogue.arrays).
   """
   if 'items' not in params:
     return params

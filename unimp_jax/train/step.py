@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from unimp_jax.data import tasks
+from unimp_jax import tasks
 from unimp_jax.model import items, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import loss as loss_lib
@@ -52,7 +52,7 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
   """`(params, batch, catalogue=None) -> (grads, sums)`: mean gradient over the batch's supervised
   tokens, accumulated over `train.microbatches` micro-batches by `lax.scan` (sums first, one division at
   the end). `catalogue` (TaskBuilder.catalogue().arrays()) feeds content item rows (unimp_jax.model.items)."""
-  num_tasks = len(tasks.TASKS)
+  num_tasks = len(tasks.NAMES)
 
   def objective(params, micro, catalogue):
     tokens = micro['tokens']
@@ -99,7 +99,7 @@ def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sh
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': sums['tokens'], 'finite': finite}
     per_task = sums['ce_sum'] / jnp.maximum(sums['count'], 1.0)
-    for i, name in enumerate(tasks.TASKS):
+    for i, name in enumerate(tasks.NAMES):
       metrics[f'loss/{name}'] = jnp.where(sums['count'][i] > 0, per_task[i], jnp.nan)
     return new_state, metrics
 

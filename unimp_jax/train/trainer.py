@@ -20,7 +20,7 @@ import tqdm
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import pipeline, tasks
+from unimp_jax.data import pipeline, prompts
 from unimp_jax.hf import pretrained as pretrained_lib
 from unimp_jax.model import items, unimp
 from unimp_jax.sharding import mesh as mesh_lib
@@ -41,7 +41,7 @@ class Run:
   mesh: jax.sharding.Mesh
   graphdef: object
   state: dict
-  builder: tasks.TaskBuilder
+  builder: prompts.TaskBuilder
   last_step: int
   stopped_by_signal: bool
 

@@ -1,4 +1,4 @@
-"""Task builders: one user + a target position -> one fixed-shape training or evaluation example.
+"""Prompts: one user + a target position + a task -> one fixed-shape training or evaluation example.
 
 Every prompt is made of the same chunks (SPEC §2):
 
@@ -22,7 +22,8 @@ as a next-item prediction (writing the id twice would make its answer span a cop
 
 Text is tokenized once per item and once per instruction template; a prompt is assembled from token-id
 pieces, and UniMP's added tokens are placed by id, never parsed out of strings. The loss mask is computed
-with array operations over the assembled sequence (`answer_mask`).
+with array operations over the assembled sequence (`answer_mask`). What differs between tasks (the
+answers, what follows the history, the instruction) each task says for itself (unimp_jax.tasks).
 """
 
 from __future__ import annotations
@@ -32,19 +33,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from unimp_jax import tasks
 from unimp_jax.data import formats
 from unimp_jax.data.tokenizer import TokenIds
 
-TASKS = ('recommendation', 'search', 'preference', 'selection', 'generation')
-INSTRUCTIONS = {
-    'recommendation': 'What is the next item recommended to the user?',
-    'search': 'Query: {query} What is the related item ID to the query based on the history?',
-    'preference': 'What is the rating and explanation for the item?',
-    'selection': 'Can you select the suitable item from above for the user?',
-    'generation': 'Query: {query} What is the generated image ID to the query based on the history?',
-}
 FIELD_WORDS = {'category': 4, 'price': 1, 'brand': 4, 'title': 12}
-EXPLANATION_TOKENS = 32
 ITEM_CONTENTS = ('image+text', 'text', 'ids')
 IGNORE = -1  # an empty image slot
 
@@ -58,7 +51,7 @@ class Example:
   tokens: np.ndarray        # int32 [seq_len], padded with the pad id
   answer_mask: np.ndarray   # bool [seq_len]: tokens that carry loss
   image_items: np.ndarray   # int32 [num_images]: item id shown in each slot, -1 = empty
-  task: int                 # index into TASKS
+  task: int                 # index into unimp_jax.tasks.NAMES
   prompt_length: int        # tokens before the final answer (where generation starts)
   target: np.ndarray        # int32 [4]: item id | rating | positive slot bitmask, -1 where not used
 
@@ -100,7 +93,7 @@ def tokenizer_corpus(items: Sequence[formats.Item], users: Sequence[formats.User
   render them (and the keywords search queries default to), every instruction, and the users'
   explanations and queries."""
   yield from (f'{TaskBuilder.item_line(item)} {" ".join(item.keywords)}' for item in items)
-  yield from (INSTRUCTIONS[t].format(query='') + ' Select from: Selection' for t in TASKS)
+  yield from (t.instruction.format(query='') + ' Select from: Selection' for t in tasks.TASKS.values())
   for user in users:
     for inter in user.interactions:
       yield f'{inter.explanation} {inter.query}'
@@ -135,7 +128,7 @@ class TaskBuilder:
       self.item_tokens = self.ids.semantic(item_codes)
     self.uses_images = item_content == 'image+text'  # False: batches carry no pictures, the model none
     self._has_image = np.asarray([it.has_image and self.uses_images for it in dataset.items], bool)
-    self._item_body = ([self._encode(self.item_line(it)) for it in dataset.items] if item_content != 'ids'
+    self._item_body = ([self.encode(self.item_line(it)) for it in dataset.items] if item_content != 'ids'
                        else list(self.item_tokens))
     self._cache: dict[str, np.ndarray] = {}  # fixed strings only: instructions and headers
 
@@ -151,7 +144,7 @@ class TaskBuilder:
     return Catalogue(text=text, has_image=self._has_image[:len(bodies)].copy(), images=images,
                      first_row=self.ids.item_range[0] - self.ids.base_vocab_size, pad_id=self.pad)
 
-  def _encode(self, text: str) -> np.ndarray:
+  def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
 
   @staticmethod
@@ -160,9 +153,9 @@ class TaskBuilder:
     return (f' Category {_words(item.category, FIELD_WORDS["category"])} Price {price}'
             f' Brand {_words(item.brand, FIELD_WORDS["brand"])} Title {_words(item.title, FIELD_WORDS["title"])}')
 
-  def _text(self, text: str) -> np.ndarray:
+  def text(self, text: str) -> np.ndarray:
     if text not in self._cache:
-      self._cache[text] = self._encode(text)
+      self._cache[text] = self.encode(text)
     return self._cache[text]
 
   def chunk(self, item: int, answer: Sequence[int] = (), prefix: Sequence[int] = (), show_item: bool = True):
@@ -174,39 +167,10 @@ class TaskBuilder:
                              np.asarray(answer_part + [self.ids.end_of_chunk], np.int32)])
     return tokens, (item if self._has_image[item] else None)
 
-  def _explanation(self, text: str) -> np.ndarray:
-    return self._encode(' ' + (text or 'Unknown'))[:EXPLANATION_TOKENS]
-
   def answer_budget(self, task: str) -> int:
     """Tokens reserved for the final answer and end-of-sequence, whatever the actual answer, so that
     the history kept (and hence the prompt) is the same with and without the answer."""
-    codes = 0 if self.image_codes is None else self.image_codes.shape[1]
-    item = self.item_tokens.shape[1]
-    return 1 + {'recommendation': item, 'search': item, 'selection': self.ids.num_slots, 'generation': codes,
-                'preference': 1 + EXPLANATION_TOKENS}[task]
-
-  def _history_chunks(self, interactions, task: str):
-    chunks = []
-    answers_id = task not in ('preference', 'generation')
-    for inter in interactions:
-      # An answer the history does not know (a prediction's unrated item, a new item without an id) is
-      # left out: the chunk still shows the item.
-      if task == 'preference':
-        answer = [] if inter.rating is None else [self.ids.rating(inter.rating), *self._explanation(inter.explanation)]
-      elif task == 'generation':
-        answer = list(self.ids.image_code(self.image_codes[inter.item]))
-      else:
-        answer = list(self.item_tokens[inter.item]) if inter.item < len(self.item_tokens) else []
-      # With `ids` content an id-answering chunk writes the id once, as its answer.
-      chunks.append(self.chunk(inter.item, answer, show_item=not (answers_id and self.item_content == 'ids')))
-    return chunks
-
-  def available(self, task: str, user: formats.User) -> bool:
-    if task == 'preference':
-      return all(i.rating is not None for i in user.interactions)
-    if task == 'generation':
-      return self.image_codes is not None
-    return True
+    return 1 + tasks.TASKS[task].answer_length(self)
 
   def build(self, task: str, user: formats.User, target: int, *, with_answer: bool,
             rng: np.random.Generator | None = None) -> Example:
@@ -219,9 +183,15 @@ class TaskBuilder:
     inters = user.interactions
     target_inter = inters[target]
     history = list(inters[max(0, target - self.history):target])
-    tail, answer, goal = self._tail(task, user, target, target_inter, rng)
-    chunks = self._history_chunks(history, task)
-    instruction = self._instruction(task, target_inter)
+    if task not in tasks.TASKS:
+      raise ValueError(f'unknown task {task!r}; the tasks are {tasks.NAMES}')
+    kind = tasks.TASKS[task]
+    tail, answer, goal = kind.tail(self, user, target, target_inter, rng)
+    # A history chunk always shows its item; with `ids` content an id-answering chunk writes the id
+    # once, as its answer. An answer the history does not know is left out.
+    show_item = not (kind.history_answers_ids and self.item_content == 'ids')
+    chunks = [self.chunk(i.item, kind.history_answer(self, i), show_item=show_item) for i in history]
+    instruction = self._instruction(kind.instruction, target_inter)
     while True:
       pieces = [c[0] for c in chunks] + [t[0] for t in tail] + [instruction, np.asarray([self.ids.answer], np.int32)]
       prompt = np.concatenate(pieces)
@@ -239,45 +209,14 @@ class TaskBuilder:
     image_items = np.full(self.num_images, IGNORE, np.int32)
     image_items[:len(images)] = images
     return Example(tokens=tokens, answer_mask=answer_mask(tokens, self.ids, self.pad), image_items=image_items,
-                   task=TASKS.index(task), prompt_length=len(prompt), target=goal)
+                   task=tasks.NAMES.index(task), prompt_length=len(prompt), target=goal)
 
-  def _instruction(self, task: str, inter: formats.Interaction) -> np.ndarray:
-    before, has_query, after = INSTRUCTIONS[task].partition('{query}')
+  def _instruction(self, template: str, inter: formats.Interaction) -> np.ndarray:
+    before, has_query, after = template.partition('{query}')
     if not has_query:
-      return self._text(' ' + before)
-    return np.concatenate([self._text(' ' + before.rstrip()), self._encode(' ' + self._query(inter)),
-                           self._text(after)])
+      return self.text(' ' + before)
+    return np.concatenate([self.text(' ' + before.rstrip()), self.encode(' ' + self._query(inter)),
+                           self.text(after)])
 
   def _query(self, inter: formats.Interaction) -> str:
     return inter.query or ' '.join(self.dataset.items[inter.item].keywords) or 'Unknown'
-
-  def _tail(self, task, user, target, inter, rng):
-    """Chunks after the history, the answer token ids, and the evaluation target."""
-    goal = np.full(4, -1, np.int32)
-    if task == 'preference':
-      if inter.rating is None:  # a prediction: the rating is what is asked
-        return [self.chunk(inter.item)], [], goal
-      goal[1] = inter.rating
-      return [self.chunk(inter.item)], [self.ids.rating(inter.rating), *self._explanation(inter.explanation)], goal
-    if task == 'selection':
-      selection = (user.selections[target % len(user.selections)] if user.selections
-                   else self._selection_from(inter, rng))
-      slots = sorted(selection.candidates.index(p) for p in selection.positives)
-      goal[2] = sum(1 << s for s in slots)
-      word = self._text(' Selection')
-      chunks = [(self._text(' Select from:'), None)]
-      chunks += [self.chunk(c, prefix=[*word, self.ids.slot(k)]) for k, c in enumerate(selection.candidates)]
-      return chunks, [self.ids.slot(s) for s in slots], goal
-    goal[0] = inter.item
-    if task == 'generation':
-      return [], list(self.ids.image_code(self.image_codes[inter.item])), goal
-    return [], list(self.item_tokens[inter.item]), goal
-
-  def _selection_from(self, inter: formats.Interaction, rng: np.random.Generator) -> formats.Selection:
-    """For data without selection questions: the true next item among two random others, never cold
-    items (`extra.cold_items`: released after the data's cut-off, so training must not show them)."""
-    pool = np.flatnonzero(~formats.cold_mask(self.dataset))
-    pool = pool[pool != inter.item]
-    others = rng.choice(pool, 2, replace=False)
-    candidates = rng.permutation(np.asarray([inter.item, *others]))
-    return formats.Selection(tuple(int(c) for c in candidates), (inter.item,))

@@ -1,0 +1,74 @@
+"""Preference prediction: a rating token `rate_1..5` and an explanation for an item the user bought.
+
+History chunks answer with their own rating and explanation. Scoring: the rating probabilities over the
+`rate_r` tokens at the answer position (argmax and expectation), then the explanation generated
+greedily after the most likely rating, scored with BLEU and ROUGE (unimp_jax.eval.metrics).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from unimp_jax.eval import generate, metrics
+from unimp_jax.tasks import base
+
+EXPLANATION_TOKENS = 32
+
+
+class Preference(base.Task):
+  name = 'preference'
+  instruction = 'What is the rating and explanation for the item?'
+
+  def available(self, builder, user):
+    return all(i.rating is not None for i in user.interactions)
+
+  def answer_length(self, builder) -> int:
+    return 1 + EXPLANATION_TOKENS
+
+  def history_answer(self, builder, inter):
+    return [] if inter.rating is None else self._answer(builder, inter)
+
+  def _answer(self, builder, inter) -> list[int]:
+    explanation = builder.encode(' ' + (inter.explanation or 'Unknown'))[:EXPLANATION_TOKENS]
+    return [builder.ids.rating(inter.rating), *explanation]
+
+  def tail(self, builder, user, target, inter, rng):
+    del user, target, rng
+    goal = np.full(4, -1, np.int32)
+    if inter.rating is None:  # a prediction: the rating is what is asked
+      return [builder.chunk(inter.item)], [], goal
+    goal[1] = inter.rating
+    return [builder.chunk(inter.item)], self._answer(builder, inter), goal
+
+  def evaluate(self, ctx, batch):
+    probs, text = rating_and_explanation(ctx.graphdef, ctx.params, ctx.builder, batch.tokens, batch.images,
+                                         batch.lengths)
+    return {'rating_probs': probs[:batch.real], 'rating': np.asarray([e.target[1] for e in batch.examples]),
+            'explanation': text[:batch.real]}
+
+  def summarise(self, rows, builder):
+    out = metrics.rating_metrics(rows['rating_probs'], rows['rating'])
+    users = [builder.dataset.user(int(u)) for u in rows['user']]
+    references = [user.interactions[t].explanation for user, t in zip(users, rows['target'])]
+    if any(references):  # datasets without reviews (MovieLens) have no explanations to score
+      out.update(metrics.text_metrics([base.decode_text(builder, row) for row in rows['explanation']], references))
+    return out
+
+
+def rating_and_explanation(graphdef, params, builder, tokens, images, lengths):
+  """(probabilities [B, 5] over ratings 1..5, explanation tokens [B, E]): the rating from the answer
+  position's `rate_r` logits, the explanation generated greedily after the most likely rating."""
+  ids = builder.ids
+  logits = np.asarray(base.answer_logits(graphdef, params, tokens, images, lengths, pad_id=builder.pad))
+  rating_logits = logits[:, [ids.rating(r) for r in metrics.RATINGS]]
+  probs = np.exp(rating_logits - rating_logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  with_rating = np.concatenate([tokens, np.full((len(tokens), 1), builder.pad, np.int32)], axis=1)
+  with_rating[np.arange(len(tokens)), lengths] = [ids.rating(int(r)) for r in probs.argmax(1) + 1]
+  text = generate.sample(graphdef, params, with_rating, images, lengths + 1, jax.random.key(0),
+                         max_new=EXPLANATION_TOKENS + 1, pad_id=builder.pad, eos_id=builder.eos)
+  return probs, np.asarray(text)
+
+
+TASK = Preference()
