@@ -8,6 +8,7 @@ import pytest
 import scipy.optimize
 from flax import nnx
 
+from unimp_jax import probe as probe_cli
 from unimp_jax.data import formats, synthetic
 from unimp_jax.eval import probe
 from unimp_jax.model import vision
@@ -68,7 +69,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope='module')
 def towers(dataset):
   """Freshly initialised tiny towers exactly as the command line makes them (sharded over 8 devices)."""
-  graphdef, params, opened = probe._random_towers(TINY, dataset.path)
+  graphdef, params, opened = probe_cli._random_towers(TINY, dataset.path)
   assert opened.path == dataset.path
   return graphdef, params
 
@@ -98,8 +99,8 @@ def test_probe_runs_on_random_towers_with_the_right_chance(towers, dataset):
 
 
 def test_command_line_prints_the_table(towers, dataset, monkeypatch, capsys):
-  monkeypatch.setattr(probe, '_random_towers', lambda config, data: (*towers, formats.UnifiedDataset(data)))
-  result = probe.main(['--random', '--config', TINY, '--data', dataset.path])
+  monkeypatch.setattr(probe_cli, '_random_towers', lambda config, data: (*towers, formats.UnifiedDataset(data)))
+  result = probe_cli.main(['--random', '--config', TINY, '--data', dataset.path])
   printed = capsys.readouterr().out
   assert f'| colour | {result["colour_accuracy"]:.3f} | {result["colour_chance"]:.3f} | 8 |' in printed
   assert f'| category | {result["category_accuracy"]:.3f} | {result["category_chance"]:.3f} | 10 |' in printed

@@ -91,11 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
       max_collisions=16,    # tokens of the collision level: most items that may share all k-means codes
       embeddings='',        # .npy / .safetensors [num_items, D]; '' = our own towers' item embeddings
       seed=0, init='k-means++', iterations=50))
-  # Task mixture (relative proportions) and per-example loss weights (paper: recommendation 2.0).
+  # Task mixture (relative proportions) and per-example loss weights (paper: recommendation 2.0); the
+  # tasks are unimp_jax.tasks.TASKS. `caption` is stage 1 and trains alone, on an image–caption corpus.
   c.data.tasks = ml_collections.ConfigDict(dict(
-      recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0))
+      recommendation=1.0, search=1.0, preference=1.0, selection=1.0, generation=0.0, caption=0.0))
   c.data.task_weights = ml_collections.ConfigDict(dict(
-      recommendation=2.0, search=1.0, preference=1.0, selection=1.0, generation=1.0))
+      recommendation=2.0, search=1.0, preference=1.0, selection=1.0, generation=1.0, caption=1.0))
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300
@@ -117,7 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 100           # steps between saves (plus one at the end and one on SIGTERM)
   c.checkpoint.keep = 3              # most recent checkpoints kept
   c.checkpoint.async_save = True
-  c.checkpoint.init_params_from = ''  # a checkpoints/ directory: start from its parameters only
+  # A checkpoints/ directory to start from (its parameters only): another run of this model, or a stage-1
+  # run, whose added vocabulary is a prefix of this one's (unimp_jax.train.checkpoint.init_params).
+  c.checkpoint.init_params_from = ''
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.probe_data = ''  # a catalogue whose pictures stage 1's report probes (unimp_jax.tasks.caption)
   return c
 
 
@@ -171,6 +177,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
     _check(set(cfg.data[key]) == set(tasks.NAMES), f'data.{key}', f'needs exactly the tasks {tasks.NAMES}')
   _check(sum(cfg.data.tasks.values()) > 0 and min(cfg.data.tasks.values()) >= 0, 'data.tasks',
          'proportions must be >= 0 and not all 0')
+  if cfg.data.tasks.caption > 0:
+    _check(sum(cfg.data.tasks.values()) == cfg.data.tasks.caption, 'data.tasks',
+           'caption (stage 1) trains alone, on an image–caption corpus; set the other tasks to 0')
+    _check(bool(cfg.eval.probe_data), 'eval.probe_data',
+           'stage 1 needs the catalogue it prepares for: its tokenizer, and the pictures its report probes')
   _check_choice(cfg, 'data.item_content', prompts.ITEM_CONTENTS)
   _check_choice(cfg, 'data.item_ids', ITEM_IDS)
   _check_choice(cfg, 'model.item_embeddings', items.ITEM_EMBEDDINGS)

@@ -57,8 +57,8 @@ def main(argv):
 
   # ---- each task's own tables (baselines next to the model) and gallery -------------------------------------
   sections = []
-  for name in trained:
-    tables.update(tasks.TASKS[name].report_tables(builder, cfg.data.split, user_rows[name]))
+  for name in [t for t in tasks.NAMES if cfg.data.tasks[t] > 0]:
+    tables.update(tasks.TASKS[name].report_tables(predictor, cfg.data.split, user_rows.get(name)))
     sections += tasks.TASKS[name].gallery(predictor, cfg.data.split, workdir, GALLERY_USERS)
 
   extra = builder.dataset.manifest['extra']

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from unimp_jax import tasks
-from unimp_jax.data import formats, prompts, semantic_ids, splits, synthetic
+from unimp_jax.data import captions, formats, prompts, semantic_ids, splits, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.sharding import mesh as mesh_lib
@@ -48,8 +48,12 @@ class MakeExample:
   def __call__(self, epoch_user: tuple[int, int]) -> dict[str, np.ndarray]:
     epoch, user_index = epoch_user
     rng = np.random.default_rng([self.seed, epoch, user_index])
-    user = self.builder.dataset.user(user_index)
-    target = splits.target_position(len(user.interactions), self.split, self.stage, rng)
+    if self.builder.dataset.num_users:
+      user = self.builder.dataset.user(user_index)
+      target = splits.target_position(len(user.interactions), self.split, self.stage, rng)
+    else:  # an image–caption corpus: the unit is a picture, shown after a few others
+      user = tasks.caption.window(self.builder.dataset, user_index, rng)
+      target = len(user.interactions) - 1
     names = [t for t, p in self.proportions.items() if p > 0 and tasks.TASKS[t].available(self.builder, user)]
     p = np.asarray([self.proportions[t] for t in names], np.float64)
     task = names[int(rng.choice(len(names), p=p / p.sum()))]
@@ -62,6 +66,20 @@ class MakeExample:
     return features
 
 
+def epoch_units(dataset: formats.UnifiedDataset, data_cfg, stage: str) -> np.ndarray:
+  """What one epoch runs over: the split's users; for an image–caption corpus (it has no users) every
+  picture, in training only (stage 1 is scored by probing the catalogue's pictures, not held-out captions)."""
+  captions = data_cfg.tasks.caption > 0
+  if captions != (dataset.num_users == 0):
+    raise ValueError(f'{dataset.path} has {dataset.num_users} users, but config.data.tasks '
+                     f'{"trains captions (stage 1)" if captions else "has no caption task"}: stage 1 trains the '
+                     'caption task alone on an image–caption corpus, stage 2 the other tasks on shoppers')
+  if captions:
+    pictures = np.flatnonzero([item.has_image for item in dataset.items])
+    return pictures if stage == 'train' else pictures[:0]
+  return splits.split_users(dataset, data_cfg.split, stage)
+
+
 def make_dataset(builder: prompts.TaskBuilder, data_cfg, *, seed: int, stage: str = 'train',
                  num_epochs: int | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
@@ -70,7 +88,7 @@ def make_dataset(builder: prompts.TaskBuilder, data_cfg, *, seed: int, stage: st
   process_count = jax.process_count() if process_count is None else process_count
   if data_cfg.batch_size % process_count:
     raise ValueError(f'config.data.batch_size={data_cfg.batch_size} is not divisible by {process_count} processes')
-  users = splits.split_users(builder.dataset, data_cfg.split, stage)
+  users = epoch_units(builder.dataset, data_cfg, stage)
   n = len(users)
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map_with_index(lambda g, i: (g // n, int(users[i])))  # global index -> (epoch, user)
@@ -84,11 +102,23 @@ def make_dataset(builder: prompts.TaskBuilder, data_cfg, *, seed: int, stage: st
 
 
 def open_dataset(cfg) -> formats.UnifiedDataset:
-  """The dataset at `data.path`; the embedded default is built there first if nothing is there yet."""
+  """The dataset at `data.path`. If nothing is there yet, the embedded one is built there first: the
+  default catalogue, or for stage 1 (`data.tasks.caption`) the embedded caption corpus on the base
+  vocabulary of the catalogue `eval.probe_data` (itself built first if missing), so that a stage-1
+  checkpoint starts stage 2 on the same tokens."""
   if not os.path.exists(os.path.join(cfg.data.path, 'manifest.json')):
-    logging.info('building the embedded default dataset at %s', cfg.data.path)
     if jax.process_index() == 0:
-      synthetic.build(cfg.data.path, seed=cfg.seed, image_size=cfg.model.vision.image_size)
+      size = cfg.model.vision.image_size
+      if cfg.data.tasks.caption > 0:
+        catalogue = cfg.eval.probe_data
+        if not os.path.exists(os.path.join(catalogue, 'manifest.json')):
+          logging.info('building the embedded default dataset at %s', catalogue)
+          synthetic.build(catalogue, seed=cfg.seed, image_size=size)
+        logging.info('building the embedded caption corpus at %s', cfg.data.path)
+        captions.build(cfg.data.path, seed=cfg.seed, image_size=size, tokenizer=os.path.join(catalogue, 'tokenizer'))
+      else:
+        logging.info('building the embedded default dataset at %s', cfg.data.path)
+        synthetic.build(cfg.data.path, seed=cfg.seed, image_size=size)
     jax.experimental.multihost_utils.sync_global_devices('dataset built')
   return formats.UnifiedDataset(cfg.data.path)
 

@@ -189,7 +189,7 @@ class TaskBuilder:
     tail, answer, goal = kind.tail(self, user, target, target_inter, rng)
     # A history chunk always shows its item; with `ids` content an id-answering chunk writes the id
     # once, as its answer. An answer the history does not know is left out.
-    show_item = not (kind.history_answers_ids and self.item_content == 'ids')
+    show_item = kind.shows_item_text and not (kind.history_answers_ids and self.item_content == 'ids')
     chunks = [self.chunk(i.item, kind.history_answer(self, i), show_item=show_item) for i in history]
     instruction = self._instruction(kind.instruction, target_inter)
     while True:
@@ -213,6 +213,8 @@ class TaskBuilder:
 
   def _instruction(self, template: str, inter: formats.Interaction) -> np.ndarray:
     before, has_query, after = template.partition('{query}')
+    if not template:  # captions: the answer follows the picture
+      return np.zeros(0, np.int32)
     if not has_query:
       return self.text(' ' + before)
     return np.concatenate([self.text(' ' + before.rstrip()), self.encode(' ' + self._query(inter)),

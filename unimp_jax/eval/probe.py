@@ -1,7 +1,7 @@
 """What the pictures carry: linear probes for colour and kind on a model's frozen picture features.
 
-  python -m unimp_jax.eval.probe --workdir W [--step S] [--data DATASET]
-  python -m unimp_jax.eval.probe --random --config configs/tiny.py [--data DATASET]
+(The command line is `python -m unimp_jax.probe`; stage 1's report probes its towers too, see
+unimp_jax.tasks.caption.)
 
 On the embedded dataset the colour of an item is visible only in its picture, and shoppers choose by
 colour. Before asking whether a recommender uses colour, ask whether its picture features hold it at
@@ -22,7 +22,6 @@ among the held-out items.
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import jax
@@ -30,9 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline
-from unimp_jax.eval.predictor import Predictor
+from unimp_jax.data import formats
 from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 
@@ -144,46 +141,8 @@ def markdown(result: dict) -> str:
                     f'{result["feature_dim"]}-wide resampler latents, mean-pooled'])
 
 
-def _random_towers(config_path: str, data: str | None):
-  """(graphdef, params, dataset) of a freshly initialised model sized to the dataset."""
-  cfg = config_lib.load(config_path)
-  if data:
-    cfg.data.path = data
-  dataset = pipeline.open_dataset(cfg)
-  pipeline.fit_model_to_dataset(cfg, dataset)
-  config_lib.validate(cfg, jax.device_count())
+def random_towers(cfg):
+  """(graphdef, params) of a model freshly initialised from `cfg` (sized to its dataset already): the
+  towers a run starts from."""
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  graphdef, params = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed))
-  return graphdef, params, dataset
-
-
-def _trained(workdir: str, step: int | None, data: str | None):
-  predictor = Predictor.from_workdir(workdir, step)  # restores a run exactly as prediction does
-  dataset = formats.UnifiedDataset(data) if data else predictor.dataset
-  if dataset.image_size != predictor.cfg.model.vision.image_size:
-    raise ValueError(f'{dataset.path} stores {dataset.image_size} px pictures, the run\'s vision tower reads '
-                     f'{predictor.cfg.model.vision.image_size} px (config.model.vision.image_size)')
-  return predictor.graphdef, predictor.params, dataset
-
-
-def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog='python -m unimp_jax.eval.probe', description=__doc__.split('\n')[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--workdir', help='A run directory (with checkpoints/): probe its trained towers.')
-  source.add_argument('--random', action='store_true', help='Probe freshly initialised towers of --config.')
-  parser.add_argument('--step', type=int, help='With --workdir: this checkpoint step (default: the newest).')
-  parser.add_argument('--config', default='configs/tiny.py', help='With --random: the preset file[:arg].')
-  parser.add_argument('--data', help='The dataset whose pictures are probed (default: the run\'s or config\'s '
-                      'data.path; --random builds the embedded default there if it is missing).')
-  parser.add_argument('--seed', type=int, default=0, help='The fit / held-out split of the items.')
-  args = parser.parse_args(argv)
-  graphdef, params, dataset = (_random_towers(args.config, args.data) if args.random
-                               else _trained(args.workdir, args.step, args.data))
-  result = probe(graphdef, params, dataset, seed=args.seed)
-  print(f'{"random towers of " + args.config if args.random else args.workdir} on {dataset.path}:\n')
-  print(markdown(result))
-  return result
-
-
-if __name__ == '__main__':
-  main()
+  return nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed))

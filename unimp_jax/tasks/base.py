@@ -57,6 +57,7 @@ class Task(abc.ABC):
   instruction: str            # after the history and tail; '{query}' is the interaction's query
   answers_items = False       # final answers are catalogue items: ranked, reported for warm and cold targets
   history_answers_ids = False  # history chunks answer with the item's id (written once with `ids` content)
+  shows_item_text = True      # history chunks show the item's text (`data.item_content` permitting)
   evaluated = True            # False: trained only; `evaluate` says why it is not scored
 
   def available(self, builder, user: formats.User) -> bool:
@@ -85,9 +86,10 @@ class Task(abc.ABC):
   def summarise(self, rows: dict[str, np.ndarray], builder) -> dict[str, float]:
     """Metrics of all users' rows (`evaluate`'s columns plus 'user' and 'target')."""
 
-  def report_tables(self, builder, split: str, rows: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Extra tables for the main job's report, {title: {name: value}}, beyond the task's metrics."""
-    del builder, split, rows
+  def report_tables(self, predictor, split: str, rows: dict[str, np.ndarray] | None) -> dict[str, dict]:
+    """Extra tables for the main job's report, {title: {name: value}}, beyond the task's metrics
+    (`rows`: the evaluation's, None for a task that is not evaluated)."""
+    del predictor, split, rows
     return {}
 
   def gallery(self, predictor, split: str, workdir: str, num_users: int) -> list[str]:

@@ -98,9 +98,10 @@ class Recommendation(NextItem):
   name = 'recommendation'
   instruction = 'What is the next item recommended to the user?'
 
-  def report_tables(self, builder, split, rows):
+  def report_tables(self, predictor, split, rows):
     """Chance, popularity and ItemKNN next to the model (same users), and colour agreement@8 where the
     dataset knows the items' colours."""
+    builder = predictor.builder
     window = builder.num_images if builder.uses_images else builder.history
     tables = {'recommendation baselines (the same test users; earlier items removed)':
               baseline_table(builder.dataset, split, window)}

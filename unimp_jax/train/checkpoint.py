@@ -37,6 +37,7 @@ import jax.experimental.multihost_utils
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
 
 UNRESTORABLE = 'unrestorable'
 _TMP_MARK = '.orbax-checkpoint-tmp'
@@ -202,6 +203,72 @@ def restore_params(directory: str, abstract_params, *, step: int | None = None):
   with ocp.CheckpointManager(directory, options=options) as manager:
     restored, _, _ = _restore_newest(manager, directory, args, step)
   return restored['state']['params']
+
+
+# A stage-1 run's added vocabulary `[<image> <|endofchunk|> <answer> rate_1..5 slots]` is a prefix of every
+# stage-2 vocabulary on the same base tokens (unimp_jax.data.captions); path -> the vocabulary axis.
+VOCABULARY_TABLES = {'lm/added_embed': 0, 'lm/added_head': 1}
+
+
+def stored_param_shapes(directory: str, step: int | None = None) -> dict[str, tuple[int, ...]]:
+  """{'lm/added_embed': shape, ...}: every parameter a Checkpointer directory's `step` (default: the
+  newest) holds, from its metadata (nothing is read but the metadata)."""
+  directory = os.path.abspath(directory)
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_handlers={'state': ocp.PyTreeCheckpointHandler()}) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {directory}')
+    tree = manager.metadata(step).item_metadata['state'].tree['params']
+  return {'/'.join(k): tuple(m.shape) for k, m in traverse_util.flatten_dict(tree).items()}
+
+
+def init_params(directory: str, params: dict, *, step: int | None = None) -> tuple[dict, list[str]]:
+  """`params` (a fresh model's, sharded) with what a Checkpointer directory holds restored into them,
+  for starting a run from another run's weights (`checkpoint.init_params_from`):
+
+  - a parameter of the same shape is restored exactly;
+  - an added-vocabulary table (`VOCABULARY_TABLES`) the checkpoint holds fewer tokens of is restored into
+    its first rows (columns of the head); the tokens after them (a stage-2 run's item tokens) keep their
+    fresh initialisation;
+  - a parameter the checkpoint lacks (e.g. the content-row projections after stage 1) keeps its fresh
+    initialisation;
+  - a parameter only the checkpoint has, or any other shape, is an error naming it.
+
+  Returns (params, lines saying what was restored and what was not).
+  """
+  stored = stored_param_shapes(directory, step)
+  fresh = {'/'.join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  unknown = sorted(set(stored) - set(fresh))
+  if unknown:
+    raise CheckpointError(f'{directory} holds parameters this model does not have: {", ".join(unknown[:5])}'
+                          f'{" ..." if len(unknown) > 5 else ""} (a different architecture?)')
+  target = {}
+  for path, shape in stored.items():
+    have = fresh[path]
+    axis = VOCABULARY_TABLES.get(path)
+    prefix = (axis is not None and len(shape) == have.ndim and shape[axis] <= have.shape[axis]
+              and all(a == b for i, (a, b) in enumerate(zip(shape, have.shape)) if i != axis))
+    if shape != have.shape and not prefix:
+      raise CheckpointError(f'{directory}: parameter {path} is {shape} there but {have.shape} in this model')
+    sharding = have.sharding if shape == have.shape else jax.sharding.NamedSharding(
+        have.sharding.mesh, jax.sharding.PartitionSpec())
+    target[path] = jax.ShapeDtypeStruct(shape, have.dtype, sharding=sharding)
+  restored = restore_params(directory, traverse_util.unflatten_dict(target, sep='/'), step=step)
+  restored = {'/'.join(k): v for k, v in traverse_util.flatten_dict(restored).items()}
+  lines = [f'restored {len(restored)} of {len(fresh)} parameter arrays from {directory}']
+  for path, value in restored.items():
+    if value.shape != fresh[path].shape:
+      lines.append(f'{path}: the first {value.shape[VOCABULARY_TABLES[path]]} of '
+                   f'{fresh[path].shape[VOCABULARY_TABLES[path]]} vocabulary rows restored, the rest freshly initialised')
+      value = jax.jit(lambda f, r: jax.lax.dynamic_update_slice(f, r, (0,) * f.ndim),
+                      out_shardings=fresh[path].sharding)(fresh[path], value)
+    fresh[path] = value
+  missing = sorted(set(fresh) - set(restored))
+  if missing:
+    lines.append(f'freshly initialised (not in the checkpoint): {", ".join(missing)}')
+  return traverse_util.unflatten_dict(fresh, sep='/'), lines
 
 
 # --------------------------------------------------------------------------------------------------

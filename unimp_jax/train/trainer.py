@@ -82,15 +82,15 @@ def train(cfg, workdir: str) -> Run:
     state, start = checkpointer.restore(abstract_state, data_iterator=batches)
     say(f'resumed from step {start} ({checkpointer.directory})')
   else:
-    if cfg.checkpoint.init_params_from:  # e.g. single-task fine-tuning from a multi-task run
-      params = checkpoint_lib.restore_params(cfg.checkpoint.init_params_from, abstract_state['params'])
-      say(f'initialised parameters from {cfg.checkpoint.init_params_from}')
+    model = unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)
+    if cfg.checkpoint.init_params_from:  # a stage-1 run, or e.g. a multi-task run to fine-tune on one task
+      params, lines = checkpoint_lib.init_params(cfg.checkpoint.init_params_from, nnx.to_pure_dict(nnx.state(model)))
     else:
-      model = unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)
-      for line in pretrained_lib.load_pretrained(model, cfg):
-        say(f'pretrained {line}')
+      lines = [f'pretrained {line}' for line in pretrained_lib.load_pretrained(model, cfg)]
       params = nnx.to_pure_dict(nnx.state(model))
-      del model
+    for line in lines:
+      say(line)
+    del model
     builder = pipeline.make_builder(cfg, dataset, workdir, params=params, graphdef=graphdef)
     batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)
