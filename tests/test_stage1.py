@@ -2,6 +2,8 @@
 stages apart, and a stage-2 run starting from a stage-1 checkpoint (parameters restored exactly, added
 vocabulary rows as documented)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,19 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_name(data, tmp_path)
   refused = r'parameter vision/blocks/fc1/bias is \(2, 256\) there but \(2, 128\)'
   with pytest.raises(checkpoint_lib.CheckpointError, match=refused):
     checkpoint_lib.init_params(str(tmp_path / 'ckpt'), _params(wider, catalogue, mesh, seed=1))
+
+
+def test_the_stage1_report_probes_the_run_and_the_towers_it_started_from(data):
+  """Probed before any training, the run's towers are the random ones, so both tables agree exactly."""
+  catalogue, corpus = data
+  cfg = _config(corpus.path, True, catalogue.path)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  pipeline.fit_model_to_dataset(cfg, corpus)
+  graphdef, params = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed))
+  run = types.SimpleNamespace(cfg=cfg, graphdef=graphdef, params=params)
+  tables = tasks.TASKS['caption'].report_tables(run, cfg.data.split, None)
+  trained, random = (v for k, v in sorted(tables.items(), key=lambda kv: 'random' in kv[0]))
+  assert trained == random and set(trained) == {'colour accuracy', 'colour chance', 'category accuracy',
+                                                'category chance'}
+  assert all('84 pictures fit, 36 held out' in title for title in tables)
+  assert trained['colour accuracy'] > trained['colour chance']  # colour is a linear function of the pixels
