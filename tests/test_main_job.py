@@ -63,3 +63,31 @@ def test_main_job_reports_every_task_and_predict_answers(tmp_path):
   assert ranks.max() <= 20
   for r in rec:  # the top list is the ranking the rank was read from
     assert r['target_item'] not in r['top'][:r['rank']] and (r['rank'] >= len(r['top']) or r['top'][r['rank']] == r['target_item'])
+
+
+def test_by_attribute_counts_what_the_rankings_share_with_the_prompt(tmp_path):
+  """`evaluate --by_attribute` against the same counts written as plain loops over the dataset."""
+  from unimp_jax import evaluate as evaluate_cli
+  from unimp_jax.data import splits
+  synthetic.build(str(tmp_path / 'd'), num_items=80, num_users=60, seed=4, image_size=16, bpe_vocab=400)
+  dataset = formats.UnifiedDataset(str(tmp_path / 'd'))
+  users = splits.split_users(dataset, 'by_user', 'test')
+  rng = np.random.default_rng(0)
+  rows = {'user': users, 'target': np.asarray([len(dataset.user(int(u)).interactions) - 1 for u in users]),
+          'rank': rng.integers(0, 30, len(users)), 'top': rng.integers(0, 80, (len(users), 20))}
+  knn = rng.integers(0, 30, len(users))
+  out = evaluate_cli.by_attribute(rows, dataset, 3, knn)
+  colours = dataset.manifest['extra']['item_colour']
+  for name, value_of in (('colour', lambda i: colours[i]), ('category', lambda i: dataset.items[i].category),
+                         ('brand', lambda i: dataset.items[i].brand)):
+    shared, top_shares = [], []
+    for u, t, top in zip(users, rows['target'], rows['top']):
+      inters = dataset.user(int(u)).interactions
+      window = {value_of(i.item) for i in inters[max(0, t - 3):t]}
+      shared.append(value_of(inters[t].item) in window)
+      top_shares.append(sum(value_of(int(i)) in window for i in top[:10]) / 10)
+    shared = np.asarray(shared)
+    assert out[f'{name}: targets sharing it'] == np.mean(shared)
+    assert out[f'{name}: model HR@10, targets sharing'] == np.mean(rows['rank'][shared] < 10)
+    assert out[f'{name}: ItemKNN HR@10, targets not sharing'] == np.mean(knn[~shared] < 10)
+    assert abs(out[f"{name}: share of the model's top 10 sharing it"] - np.mean(top_shares)) < 1e-12

@@ -2,6 +2,7 @@
 
   python -m unimp_jax.evaluate --workdir W [--stage test|valid] [--tasks recommendation,search,...]
       [--ranking full|beam|paper] [--negatives 100] [--ks 5,10] [--per_user FILE.jsonl] [--step N]
+      [--by_attribute]
 
 Prints one table per task (recommendation and search also for warm and cold targets, and by history
 length) and writes one JSON line per (task, user) to `--per_user` (default WORKDIR/eval-STAGE.jsonl):
@@ -10,6 +11,9 @@ top items; for preference the rating probabilities and the explanation; for sele
 true slots. Every aggregate printed is a function of those lines (tests/test_main_job.py recomputes
 them). `--negatives N` is the sampled-negatives protocol of many published tables (the target among N
 random unseen items), labelled as such; the default ranks against the whole catalogue.
+`--by_attribute` adds, for recommendation, which item attributes (colour, category, brand) the ranking
+follows, next to ItemKNN given the same history window: where a model falls short of ItemKNN, this says
+on which kind of target.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import sys
 import numpy as np
 from absl import logging
 
-from unimp_jax import tasks
-from unimp_jax.data import formats
+from unimp_jax import baselines, tasks
+from unimp_jax.data import formats, splits
 from unimp_jax.eval import evaluate as evaluate_lib, predictor as predictor_lib, ranking
 from unimp_jax.tasks import base
 from unimp_jax.train import report
@@ -61,6 +65,37 @@ def by_history_length(ranks: np.ndarray, lengths: np.ndarray, ks) -> dict[str, f
   return out
 
 
+def item_attributes(dataset) -> dict[str, np.ndarray]:
+  """Each item's colour (where the manifest knows it), category and brand, as arrays over the catalogue."""
+  out = {}
+  if 'item_colour' in dataset.manifest['extra']:
+    out['colour'] = np.asarray(dataset.manifest['extra']['item_colour'])
+  out['category'] = np.asarray([item.category for item in dataset.items])
+  out['brand'] = np.asarray([item.brand for item in dataset.items])
+  return out
+
+
+def by_attribute(rows: dict[str, np.ndarray], dataset, window: int, knn_ranks: np.ndarray) -> dict[str, float]:
+  """Which item attributes the ranking follows: per attribute, how many targets share it with one of the
+  last `window` history items (what a prompt shows), HR@10 of those targets and of the rest for the
+  model and for ItemKNN given the same items (`knn_ranks`, same users), and the share of the model's top
+  10 that shares it with those items."""
+  out = {}
+  histories = [np.asarray([i.item for i in dataset.user(int(u)).interactions[:t]][-window:])
+               for u, t in zip(rows['user'], rows['target'])]
+  targets = np.asarray([dataset.user(int(u)).interactions[t].item for u, t in zip(rows['user'], rows['target'])])
+  for name, values in item_attributes(dataset).items():
+    shared = np.asarray([values[t] in set(values[h]) for t, h in zip(targets, histories)])
+    out[f'{name}: targets sharing it'] = float(shared.mean())
+    for label, ranks in (('model', rows['rank']), ('ItemKNN', knn_ranks)):
+      for kind, keep in (('sharing', shared), ('not sharing', ~shared)):
+        if keep.any():
+          out[f'{name}: {label} HR@10, targets {kind}'] = float((ranks[keep] < 10).mean())
+    top = [np.isin(values[t[t >= 0][:10]], values[h]).mean() for t, h in zip(rows['top'], histories)]
+    out[f'{name}: share of the model\'s top 10 sharing it'] = float(np.mean(top))
+  return out
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True)
@@ -72,6 +107,9 @@ def main(argv=None) -> dict:
   parser.add_argument('--negatives', type=int, default=0, help='sampled-negatives protocol (0: full catalogue)')
   parser.add_argument('--ks', default=','.join(map(str, ranking.KS)))
   parser.add_argument('--per_user', default=None, help='JSONL file (default WORKDIR/eval-STAGE.jsonl)')
+  parser.add_argument('--by_attribute', action='store_true',
+                      help='recommendation: which item attributes (colour, category, brand) the ranking follows, '
+                      'next to ItemKNN given the same history window')
   args = parser.parse_args(argv)
   names = [t for t in args.tasks.split(',') if t]
   if not names or any(t not in tasks.EVALUATED for t in names):
@@ -109,6 +147,13 @@ def main(argv=None) -> dict:
       tables[label] = summary
     if ranked:
       tables[f'{task} by history length'] = by_history_length(task_rows['rank'], task_rows['target'], ks)
+    if args.by_attribute and task == 'recommendation' and not args.negatives:
+      window = builder.num_images if builder.uses_images else builder.history  # the most a prompt shows
+      knn = baselines.evaluate('cooccurrence', builder.dataset, cfg.data.split, args.stage, recent=window)
+      if not np.array_equal(splits.split_users(builder.dataset, cfg.data.split, args.stage), task_rows['user']):
+        raise ValueError('evaluated users differ from the stage users; ItemKNN ranks would not be paired')
+      tables[f'{task} by item attribute (the last {window} history items)'] = by_attribute(
+          task_rows, builder.dataset, window, knn)
 
   path = args.per_user or os.path.join(args.workdir, f'eval-{args.stage}.jsonl')
   with open(path + '.tmp', 'w') as f:
