@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from unimp_jax.data import formats, synthetic
@@ -91,3 +92,27 @@ def test_by_attribute_counts_what_the_rankings_share_with_the_prompt(tmp_path):
     assert out[f'{name}: model HR@10, targets sharing'] == np.mean(rows['rank'][shared] < 10)
     assert out[f'{name}: ItemKNN HR@10, targets not sharing'] == np.mean(knn[~shared] < 10)
     assert abs(out[f"{name}: share of the model's top 10 sharing it"] - np.mean(top_shares)) < 1e-12
+
+
+def test_paired_with_compares_the_same_users_and_refuses_others(tmp_path):
+  from unimp_jax import evaluate as evaluate_cli
+  rng = np.random.default_rng(1)
+  mine = [{'task': 'recommendation', 'user': u, 'rank': int(rng.integers(0, 40)), 'target_cold': u % 4 == 0}
+          for u in range(200)]
+  other = [dict(r, rank=int(rng.integers(0, 40))) for r in mine][::-1]  # any order
+  path = str(tmp_path / 'other.jsonl')
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in other + [{'task': 'selection', 'user': 0, 'chosen_slots': 1}])
+  table = evaluate_cli.paired_with(mine, path)[f'recommendation: this run minus {path}']
+  by_user = {r['user']: r['rank'] for r in other}
+  cold = np.asarray([r['target_cold'] for r in mine])
+  diff = np.asarray([(r['rank'] < 10) - (by_user[r['user']] < 10) for r in mine], np.float64)
+  assert table['HR@10 difference'] == pytest.approx(diff.mean())
+  assert table['HR@10 difference, cold targets'] == pytest.approx(diff[cold].mean())
+  assert (table['users'], table['users, warm targets'], table['users, cold targets']) == (200, 150, 50)
+  low, high = map(float, table['95% interval'].split(' to '))
+  assert low < diff.mean() < high
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in other[1:])
+  with pytest.raises(ValueError, match=r'no recommendation result for user \d+ \(1 users missing\)'):
+    evaluate_cli.paired_with(mine, path)

@@ -2,7 +2,7 @@
 
   python -m unimp_jax.evaluate --workdir W [--stage test|valid] [--tasks recommendation,search,...]
       [--ranking full|beam|paper] [--negatives 100] [--ks 5,10] [--per_user FILE.jsonl] [--step N]
-      [--by_attribute]
+      [--by_attribute] [--paired_with OTHER_RUN/eval-test.jsonl]
 
 Prints one table per task (recommendation and search also for warm and cold targets, and by history
 length) and writes one JSON line per (task, user) to `--per_user` (default WORKDIR/eval-STAGE.jsonl):
@@ -13,7 +13,8 @@ them). `--negatives N` is the sampled-negatives protocol of many published table
 random unseen items), labelled as such; the default ranks against the whole catalogue.
 `--by_attribute` adds, for recommendation, which item attributes (colour, category, brand) the ranking
 follows, next to ItemKNN given the same history window: where a model falls short of ItemKNN, this says
-on which kind of target.
+on which kind of target. `--paired_with FILE` compares with another run's per-user file: HR@10
+differences with paired bootstrap intervals (the same users resampled for both runs).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from absl import logging
 
 from unimp_jax import baselines, tasks
 from unimp_jax.data import formats, splits
-from unimp_jax.eval import evaluate as evaluate_lib, predictor as predictor_lib, ranking
+from unimp_jax.eval import evaluate as evaluate_lib, metrics, predictor as predictor_lib, ranking
 from unimp_jax.tasks import base
 from unimp_jax.train import report
 
@@ -96,6 +97,31 @@ def by_attribute(rows: dict[str, np.ndarray], dataset, window: int, knn_ranks: n
   return out
 
 
+def paired_with(records: list[dict], path: str) -> dict[str, dict[str, float]]:
+  """HR@10 of this run minus another run's (`path`, a per-user file of the same users), with the paired
+  bootstrap interval (metrics.paired_bootstrap), per ranking task, overall and for warm and cold targets."""
+  with open(path) as f:
+    other = {(r['task'], r['user']): r for r in map(json.loads, f) if 'rank' in r}
+  tables = {}
+  for task in sorted({r['task'] for r in records if 'rank' in r}):
+    mine = [r for r in records if r['task'] == task]
+    missing = [r['user'] for r in mine if (task, r['user']) not in other]
+    if missing:
+      raise ValueError(f'{path} has no {task} result for user {missing[0]} ({len(missing)} users missing): '
+                       'paired intervals need the same users')
+    hits = np.asarray([[r['rank'] < 10, other[task, r['user']]['rank'] < 10] for r in mine], np.float64)
+    cold = np.asarray([r['target_cold'] for r in mine])
+    table = {}
+    for kind, keep in (('', np.ones(len(mine), bool)), (', warm targets', ~cold), (', cold targets', cold)):
+      if keep.any() and (kind == '' or cold.any()):
+        diff = metrics.paired_bootstrap(hits[keep, 0], hits[keep, 1])
+        table[f'HR@10 difference{kind}'] = diff['difference']
+        table[f'95% interval{kind}'] = f'{diff["low"]:.4f} to {diff["high"]:.4f}'
+        table[f'users{kind}'] = int(keep.sum())
+    tables[f'{task}: this run minus {path}'] = table
+  return tables
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True)
@@ -107,6 +133,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--negatives', type=int, default=0, help='sampled-negatives protocol (0: full catalogue)')
   parser.add_argument('--ks', default=','.join(map(str, ranking.KS)))
   parser.add_argument('--per_user', default=None, help='JSONL file (default WORKDIR/eval-STAGE.jsonl)')
+  parser.add_argument('--paired_with', default=None,
+                      help='another run\'s per-user file (same users): HR@10 differences, paired bootstrap intervals')
   parser.add_argument('--by_attribute', action='store_true',
                       help='recommendation: which item attributes (colour, category, brand) the ranking follows, '
                       'next to ItemKNN given the same history window')
@@ -138,7 +166,8 @@ def main(argv=None) -> dict:
     parts = {'': task_rows}
     ranked = tasks.TASKS[task].answers_items
     if ranked:
-      parts.update({f', {kind} targets': part for kind, part in evaluate_lib.by_target_kind(task_rows, builder.dataset).items()})
+      kinds = evaluate_lib.by_target_kind(task_rows, builder.dataset)
+      parts.update({f', {kind} targets': part for kind, part in kinds.items()})
     for suffix, part in parts.items():
       summary = evaluate_lib.summarise(task, part, builder)
       if ranked:
@@ -155,6 +184,8 @@ def main(argv=None) -> dict:
       tables[f'{task} by item attribute (the last {window} history items)'] = by_attribute(
           task_rows, builder.dataset, window, knn)
 
+  if args.paired_with:
+    tables.update(paired_with(records, args.paired_with))
   path = args.per_user or os.path.join(args.workdir, f'eval-{args.stage}.jsonl')
   with open(path + '.tmp', 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
