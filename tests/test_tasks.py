@@ -239,3 +239,13 @@ def test_the_registry_is_what_the_config_and_batches_name(builder, dataset):
     builder.build('reranking', user, 2, with_answer=True)
   with pytest.raises(ValueError, match='not scored yet'):
     tasks.TASKS['generation'].evaluate(None, None)
+
+
+def test_selection_chance_levels_by_hand():
+  """One question with slot 0 right, one with slots 0 and 1 right; F1 of each of the 7 answers by hand."""
+  one = [1, 0, 0, 2 / 3, 2 / 3, 0, 1 / 2]         # {0} {1} {2} {0,1} {0,2} {1,2} {0,1,2}
+  two = [2 / 3, 2 / 3, 0, 1, 1 / 2, 1 / 2, 4 / 5]
+  out = tasks.selection.constant_answers(np.asarray([0b001, 0b011]), 3)
+  assert out['random slot set F1 (chance)'] == pytest.approx((sum(one) + sum(two)) / 14)
+  assert out['every slot F1'] == pytest.approx((1 / 2 + 4 / 5) / 2)
+  assert out['first slot F1'] == pytest.approx((1 + 2 / 3) / 2)

@@ -44,6 +44,12 @@ class Selection(base.Task):
     del builder
     return metrics.selection_metrics(rows['chosen'], rows['positives'])
 
+  def report_tables(self, predictor, split, rows):
+    """What answers that ignore the user score on the same questions: the chance level of the model's F1."""
+    del split
+    return {'selection baselines (the same test questions)': constant_answers(rows['positives'],
+                                                                              predictor.builder.ids.num_slots)}
+
 
 def made_up(builder, inter: formats.Interaction, rng: np.random.Generator) -> formats.Selection:
   """For data without selection questions: the true next item among two random others, never cold
@@ -53,6 +59,15 @@ def made_up(builder, inter: formats.Interaction, rng: np.random.Generator) -> fo
   others = rng.choice(pool, 2, replace=False)
   candidates = rng.permutation(np.asarray([inter.item, *others]))
   return formats.Selection(tuple(int(c) for c in candidates), (inter.item,))
+
+
+def constant_answers(positives: np.ndarray, num_slots: int) -> dict[str, float]:
+  """F1 of answers that ignore the user: a uniformly random non-empty slot set (its expectation: the mean
+  over all 2^S - 1 sets), every slot, and always the first slot."""
+  f1 = lambda mask: metrics.selection_metrics(np.full(len(positives), mask), positives)['F1']
+  subsets = range(1, 1 << num_slots)
+  return {'random slot set F1 (chance)': float(np.mean([f1(m) for m in subsets])),
+          'every slot F1': f1((1 << num_slots) - 1), 'first slot F1': f1(1)}
 
 
 def chosen_slots(graphdef, params, builder, tokens, images, lengths) -> np.ndarray:
