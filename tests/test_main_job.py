@@ -30,7 +30,9 @@ def test_main_job_reports_every_task_and_predict_answers(tmp_path):
   with open(os.path.join(workdir, 'report.md')) as f:
     text = f.read()
   for section in ('## recommendation', '## search', '## preference', '## selection', 'gallery.png', 'HR', 'RMSE',
-                  'BLEU-4', 'ROUGE-L', 'F1', '## colour agreement@8', '| popularity |', 'ItemKNN (last 5 items, as the prompt) HR@10'):
+                  'BLEU-4', 'ROUGE-L', 'F1', '## colour agreement@8', '| popularity |', 'ItemKNN (last 5 items, as the prompt) HR@10',
+                  '## preference baselines', '| biases RMSE (expected) |', '## explanation baseline: always "',
+                  '## selection baselines', '| random slot set F1 (chance) |'):
     assert section in text, section
   assert Image.open(os.path.join(workdir, 'gallery.png')).size[0] > 200
 

@@ -93,7 +93,8 @@ def tokenizer_corpus(items: Sequence[formats.Item], users: Sequence[formats.User
   render them (and the keywords search queries default to), every instruction, and the users'
   explanations and queries."""
   yield from (f'{TaskBuilder.item_line(item)} {" ".join(item.keywords)}' for item in items)
-  yield from (t.instruction.format(query='') + ' Select from: Selection' for t in tasks.TASKS.values())
+  # Stage 1's caption task has no instruction: it adds nothing (so stage 2's tokenizer does not depend on it).
+  yield from (t.instruction.format(query='') + ' Select from: Selection' for t in tasks.TASKS.values() if t.instruction)
   for user in users:
     for inter in user.interactions:
       yield f'{inter.explanation} {inter.query}'

@@ -7,9 +7,13 @@ greedily after the most likely rating, scored with BLEU and ROUGE (unimp_jax.eva
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 
+from unimp_jax import baselines
+from unimp_jax.baselines import ratings as rating_baselines
 from unimp_jax.eval import generate, metrics
 from unimp_jax.tasks import base
 
@@ -46,6 +50,23 @@ class Preference(base.Task):
                                          batch.lengths)
     return {'rating_probs': probs[:batch.real], 'rating': np.asarray([e.target[1] for e in batch.examples]),
             'explanation': text[:batch.real]}
+
+  def report_tables(self, predictor, split, rows):
+    """The rating baselines (global mean, bias predictor) on the same test users, and the explanation
+    metrics of always answering the most common training explanation: what the model's numbers must beat."""
+    dataset = predictor.builder.dataset
+    predicted, true = rating_baselines.predict(dataset, split)
+    table = {f'{name} {metric}': value for name, values in predicted.items()
+             for metric, value in rating_baselines.metrics(values, true).items() if metric.startswith('RMSE')}
+    tables = {'preference baselines (the same test users)': table}
+    references = [dataset.user(int(u)).interactions[t].explanation for u, t in zip(rows['user'], rows['target'])]
+    explanations = [i.explanation for inters in baselines.training_interactions(dataset, split) for i in inters
+                    if i.explanation]
+    if any(references) and explanations:
+      common = collections.Counter(explanations).most_common(1)[0][0]
+      tables[f'explanation baseline: always "{common}"'] = metrics.text_metrics([common] * len(references),
+                                                                                 references)
+    return tables
 
   def summarise(self, rows, builder):
     out = metrics.rating_metrics(rows['rating_probs'], rows['rating'])
