@@ -69,12 +69,12 @@ class MakeExample:
 def epoch_units(dataset: formats.UnifiedDataset, data_cfg, stage: str) -> np.ndarray:
   """What one epoch runs over: the split's users; for an image–caption corpus (it has no users) every
   picture, in training only (stage 1 is scored by probing the catalogue's pictures, not held-out captions)."""
-  captions = data_cfg.tasks.caption > 0
-  if captions != (dataset.num_users == 0):
+  stage1 = data_cfg.tasks.caption > 0
+  if stage1 != (dataset.num_users == 0):
     raise ValueError(f'{dataset.path} has {dataset.num_users} users, but config.data.tasks '
-                     f'{"trains captions (stage 1)" if captions else "has no caption task"}: stage 1 trains the '
+                     f'{"trains captions (stage 1)" if stage1 else "has no caption task"}: stage 1 trains the '
                      'caption task alone on an image–caption corpus, stage 2 the other tasks on shoppers')
-  if captions:
+  if stage1:
     pictures = np.flatnonzero([item.has_image for item in dataset.items])
     return pictures if stage == 'train' else pictures[:0]
   return splits.split_users(dataset, data_cfg.split, stage)

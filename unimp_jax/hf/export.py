@@ -88,7 +88,8 @@ def model_card(cfg, dataset, step: int, architecture: str, tokenizer) -> str:
   manifest = dataset.manifest
   layout = tokenizer.unimp_layout
   mixture = ', '.join(f'{t} {w:g}' for t, w in cfg.data.tasks.items() if w > 0)
-  instructions = '\n'.join(f'- {name}: "{task.instruction}"' for name, task in tasks.TASKS.items() if cfg.data.tasks[name] > 0)
+  instructions = '\n'.join(f'- {name}: "{task.instruction}"' for name, task in tasks.TASKS.items()
+                           if cfg.data.tasks[name] > 0)
   return f"""---
 library_name: transformers
 tags: [unimp, recommendation, idefics, jax]

@@ -260,8 +260,9 @@ def init_params(directory: str, params: dict, *, step: int | None = None) -> tup
   lines = [f'restored {len(restored)} of {len(fresh)} parameter arrays from {directory}']
   for path, value in restored.items():
     if value.shape != fresh[path].shape:
-      lines.append(f'{path}: the first {value.shape[VOCABULARY_TABLES[path]]} of '
-                   f'{fresh[path].shape[VOCABULARY_TABLES[path]]} vocabulary rows restored, the rest freshly initialised')
+      axis = VOCABULARY_TABLES[path]
+      lines.append(f'{path}: the first {value.shape[axis]} of {fresh[path].shape[axis]} vocabulary rows '
+                   'restored, the rest freshly initialised')
       value = jax.jit(lambda f, r: jax.lax.dynamic_update_slice(f, r, (0,) * f.ndim),
                       out_shardings=fresh[path].sharding)(fresh[path], value)
     fresh[path] = value
