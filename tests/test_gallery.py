@@ -38,6 +38,10 @@ def test_gallery_png_and_html(dataset, tmp_path):
   html_path = gallery.write_gallery(png, ROWS, dataset)
   assert html_path == str(tmp_path / 'out' / 'gallery.html')
   assert sorted(os.listdir(tmp_path / 'out')) == ['gallery.html', 'gallery.png']   # no temporary files left
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ('gallery.html', 'gallery.png'):  # as readable as any file the user writes, not owner-only
+    assert os.stat(tmp_path / 'out' / name).st_mode & 0o777 == 0o666 & ~umask
 
   with Image.open(png) as im:
     pixels = np.asarray(im.convert('RGB'))

@@ -37,3 +37,14 @@ def test_ranks_remove_seen_items_and_count_ties_against_the_target():
   seen = [np.asarray([1, 4]), np.asarray([0, 3])]  # row 1 "saw" its own target: it is never removed
   np.testing.assert_array_equal(ranking.ranks_from_scores(scores, targets, seen), [0, 3])
   np.testing.assert_array_equal(ranking.ranks_from_scores(scores, targets), [1, 4])
+
+
+def test_a_nan_score_ranks_last_and_removed_items_never_count():
+  """A NaN target is a miss, not a perfect hit; removed items do not count against a target scored -inf."""
+  scores = np.asarray([[np.nan, 1., 2., 3.], [-np.inf, -np.inf, -np.inf, 0.], [1., np.nan, 0., np.nan]])
+  targets = np.asarray([0, 0, 2])
+  seen = [np.asarray([]), np.asarray([1, 2]), np.asarray([])]
+  ranks = ranking.ranks_from_scores(scores, targets, seen)
+  np.testing.assert_array_equal(ranks, [3, 1, 1])  # row 1: only item 3 ranks ahead; row 2: NaN items rank below
+  assert ranking.ranking_metrics(ranks[:1])['HR@1'] == 0.0  # was a hit at every K, NDCG inf
+  np.testing.assert_array_equal(ranking.top_items(scores[2:], [np.asarray([])], 4), [[0, 2, -1, -1]])

@@ -150,6 +150,9 @@ def _replace_atomically(path: str, write) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       write(f)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is owner-only; a gallery is read like any other file
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

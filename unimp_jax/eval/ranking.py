@@ -32,14 +32,18 @@ def seen_before(user, target: int) -> np.ndarray:
 def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
   """0-based rank of each row's target among its items, after removing that row's `seen` items (the
   target itself is never removed). Ties count against the target: rank = #other items scored at least as
-  high, so a ranker that scores many items alike (popularity's zero counts) gains nothing from the tie."""
-  scores = np.array(scores, np.float64)
+  high, so a ranker that scores many items alike (popularity's zero counts) gains nothing from the tie.
+  A NaN score ranks below every number (a NaN target is ranked last, never a hit), and removed items
+  are left out by mask, so they never count against a target, whatever its score."""
+  scores = np.asarray(scores, np.float64)
+  scores = np.where(np.isnan(scores), -np.inf, scores)
   rows = np.arange(len(scores))
+  removed = np.zeros(scores.shape, bool)
   if seen is not None:
     for r, items in enumerate(seen):
       items = np.asarray(items, np.int64)
-      scores[r, items[items != targets[r]]] = -np.inf
-  return (scores >= scores[rows, targets][:, None]).sum(1) - 1
+      removed[r, items[items != targets[r]]] = True
+  return ((scores >= scores[rows, targets][:, None]) & ~removed).sum(1) - 1
 
 
 def top_items(scores: np.ndarray, seen: list[np.ndarray], k: int) -> np.ndarray:
