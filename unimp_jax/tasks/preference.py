@@ -59,7 +59,7 @@ class Preference(base.Task):
     table = {f'{name} {metric}': value for name, values in predicted.items()
              for metric, value in rating_baselines.metrics(values, true).items() if metric.startswith('RMSE')}
     tables = {'preference baselines (the same test users)': table}
-    references = [dataset.user(int(u)).interactions[t].explanation for u, t in zip(rows['user'], rows['target'])]
+    references = target_explanations(dataset, rows)
     explanations = [i.explanation for inters in baselines.training_interactions(dataset, split) for i in inters
                     if i.explanation]
     if any(references) and explanations:
@@ -70,11 +70,15 @@ class Preference(base.Task):
 
   def summarise(self, rows, builder):
     out = metrics.rating_metrics(rows['rating_probs'], rows['rating'])
-    users = [builder.dataset.user(int(u)) for u in rows['user']]
-    references = [user.interactions[t].explanation for user, t in zip(users, rows['target'])]
+    references = target_explanations(builder.dataset, rows)
     if any(references):  # datasets without reviews (MovieLens) have no explanations to score
       out.update(metrics.text_metrics([base.decode_text(builder, row) for row in rows['explanation']], references))
     return out
+
+
+def target_explanations(dataset, rows: dict[str, np.ndarray]) -> list[str]:
+  """The true explanation of each row's target interaction (what generated explanations are scored against)."""
+  return [dataset.user(int(u)).interactions[t].explanation for u, t in zip(rows['user'], rows['target'])]
 
 
 def rating_and_explanation(graphdef, params, builder, tokens, images, lengths):
