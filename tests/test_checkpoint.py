@@ -103,6 +103,10 @@ def test_restore_params_reads_only_the_params(saved_model, abstract_params_state
   for r, t in zip(jax.tree.leaves(params), jax.tree.leaves(target)):
     assert r.sharding == t.sharding
   assert any('tensor' in jax.tree.leaves(tuple(r.sharding.spec)) for r in jax.tree.leaves(params))
+  # A parameter the checkpoint does not have (a newer model) is an error that names it, not a placeholder.
+  leaf = jax.tree.leaves(target)[0]
+  with pytest.raises(checkpoint_lib.CheckpointError, match='extra/bias'):
+    checkpoint_lib.restore_params(directory, dict(target, extra={'bias': leaf}))
 
 
 def test_async_saves_keep_the_last_k_and_the_best(tmp_path, devices):

@@ -34,6 +34,9 @@ def test_command_line_overrides_apply_and_unknown_keys_fail():
     (('train.microbatches=3',), 'train.microbatches'),
     (('train.schedule=exponential',), 'train.schedule'),
     (('data.split=random',), 'data.split'),
+    (('train.next_item_weight=-1.0',), 'train.next_item_weight'),
+    (('model.item_embeddings=learned', 'data.item_ids=semantic', 'train.next_item_weight=1.0'),
+     'train.next_item_weight'),
 ])
 def test_bad_configs_fail_before_compiling_and_name_the_key(overrides, key):
   cfg = config_lib.load('configs/tiny.py', overrides)

@@ -97,10 +97,12 @@ def test_verify_names_a_modified_file(built, tmp_path):
 
 @pytest.mark.parametrize('split', ['by_user', 'leave_last_out'])
 def test_no_cold_item_reaches_a_training_example(built, split):
-  """Property over the whole training pipeline: no picture slot, item token, or target of any example of
-  two epochs of every task is a cold item, while test targets do include cold ones."""
+  """Property over the whole training pipeline: no picture slot, item token, target or next-item label of
+  any example of two epochs of every task is a cold item, while test targets do include cold ones. The
+  train step leaves exactly the cold items' tokens out of its softmax."""
   from unimp_jax import config as config_lib
   from unimp_jax.data import pipeline
+  from unimp_jax.train import step as step_lib
   cold = np.asarray(built.manifest['extra']['cold_items'])
   assert len(cold) == round(synthetic.COLD_FRACTION * len(built.items))
   cfg = config_lib.base_config()
@@ -108,12 +110,16 @@ def test_no_cold_item_reaches_a_training_example(built, split):
   cfg.model.vision.image_size = built.image_size
   builder = pipeline.make_builder(cfg, built)
   cold_tokens = builder.ids.item(cold)
+  np.testing.assert_array_equal(np.sort(step_lib.excluded_tokens(cfg.train, builder)), np.sort(cold_tokens))
+  cfg.train.exclude_cold_items = False
+  assert step_lib.excluded_tokens(cfg.train, builder) is None
   users = len(splits.split_users(built, split, 'train'))
   examples, tasks_seen = 0, set()
   for batch in pipeline.make_dataset(builder, cfg.data, seed=0, num_epochs=2):
     tasks_seen |= set(batch['task'].tolist())
     assert not np.isin(batch['image_items'], cold).any()
     assert not np.isin(batch['tokens'], cold_tokens).any()
+    assert not np.isin(batch['next_items'], cold_tokens).any()
     assert not np.isin(batch['target'][:, 0], cold).any()
     examples += len(batch['tokens'])
   assert examples >= 2 * users - cfg.data.batch_size and tasks_seen == {0, 1, 2, 3}  # every trained task

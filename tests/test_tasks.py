@@ -69,6 +69,26 @@ def test_prompts_and_loss_masks(builder, dataset, task):
     assert list(final[:-1]) == sorted(ids.slot(sel.candidates.index(p)) for p in sel.positives)
 
 
+@pytest.mark.parametrize('task', tasks.EVALUATED)
+def test_every_history_chunk_end_is_labelled_with_the_next_purchase(builder, dataset, task):
+  """`Example.next_items` (train.next_item_weight): the end of each history chunk kept in the prompt,
+  labelled with the id token of the item bought after it, the last one with the target's; nothing else."""
+  ids = builder.ids
+  for u in range(12):
+    user = dataset.user(u)
+    target = len(user.interactions) - 1 - u % 2
+    ex = builder.build(task, user, target, with_answer=True, rng=np.random.default_rng(u))
+    ends = np.flatnonzero(ex.next_items != prompts.IGNORE)
+    assert (ex.tokens[ends] == ids.end_of_chunk).all() and (ends < ex.prompt_length).all()
+    tail_chunks = {'preference': 1, 'selection': synthetic.NUM_SLOTS}.get(task, 0)  # the rated item; candidates
+    assert len(ends) == (ex.tokens[:ex.prompt_length] == ids.end_of_chunk).sum() - tail_chunks >= 1
+    # The chunk ends are the history's, in order: each one is the end of the chunk of interaction k.
+    bought = [i.item for i in user.interactions[target - len(ends):target + 1]]
+    np.testing.assert_array_equal(ex.next_items[ends], [ids.item(i) for i in bought[1:]])
+    if task in ('recommendation', 'search'):  # their chunks end `<answer> item_k <|endofchunk|>`
+      np.testing.assert_array_equal(ex.tokens[ends - 1], [ids.item(i) for i in bought[:-1]])
+
+
 def test_selection_without_stored_questions_asks_for_the_true_next_item(builder, dataset):
   user = formats.User('u', dataset.user(0).interactions)  # no selection questions
   ex = builder.build('selection', user, 3, with_answer=True, rng=np.random.default_rng(0))

@@ -15,8 +15,9 @@ from unimp_jax.train import optim
 from unimp_jax.train import step as step_lib
 
 
-@pytest.mark.parametrize('gamma', [0.0, 2.0])
-def test_loss_matches_a_numpy_reference(gamma):
+@pytest.mark.parametrize('gamma, next_weight, excluded', [
+    (0.0, 0.0, ()), (2.0, 0.0, ()), (0.0, 1.5, ()), (2.0, 0.5, (3, 7))])
+def test_loss_matches_a_numpy_reference(gamma, next_weight, excluded):
   rng = np.random.default_rng(0)
   b, t, v, num_tasks = 3, 7, 11, 5
   logits = rng.normal(size=(b, t, v)) * 3
@@ -24,21 +25,37 @@ def test_loss_matches_a_numpy_reference(gamma):
   mask = rng.random((b, t)) < 0.5
   weight = np.asarray([2.0, 1.0, 0.5])
   task = np.asarray([0, 3, 0])
+  # Next-item labels at some positions whose following token carries no loss (history chunk ends).
+  next_items = np.where((rng.random((b, t)) < 0.4) & ~np.roll(mask, -1, axis=1), rng.integers(0, v, (b, t)), -1)
+  next_items[:, -1] = -1
+  # Excluded tokens (unreleased items) are never targets, and drop out of every softmax.
+  tokens = np.where(np.isin(tokens, excluded), 0, tokens)
+  next_items = np.where(np.isin(next_items, excluded), 0, next_items)
   out = loss_lib.token_losses(jnp.asarray(logits, jnp.float32), tokens, mask, jnp.asarray(weight, jnp.float32),
-                              task, num_tasks=num_tasks, focal_gamma=gamma, z_loss=0.0)
-  # numpy, float64, one token at a time: position i predicts token i+1.
-  objective, count, ce_sum = 0.0, 0, np.zeros(num_tasks)
+                              task, num_tasks=num_tasks, focal_gamma=gamma, z_loss=0.0,
+                              next_items_bt=jnp.asarray(next_items), next_item_weight=next_weight,
+                              excluded=np.asarray(excluded, np.int32))
+  # numpy, float64, one token at a time: position i predicts token i+1, or the next item where labelled.
+  objective, count, ce_sum, next_sum, next_count = 0.0, 0, np.zeros(num_tasks), 0.0, 0
   for r in range(b):
     for i in range(t - 1):
+      kept = np.delete(np.arange(v), excluded)
+      logp = logits[r, i] - np.log(np.exp(logits[r, i, kept]).sum())
       if mask[r, i + 1]:
-        logp = logits[r, i] - np.log(np.exp(logits[r, i]).sum())
         ce = -logp[tokens[r, i + 1]]
         objective += weight[r] * (1 - np.exp(-ce)) ** gamma * ce
         count += 1
         ce_sum[task[r]] += ce
+      elif next_weight and next_items[r, i] >= 0:
+        ce = -logp[next_items[r, i]]
+        objective += next_weight * (1 - np.exp(-ce)) ** gamma * ce
+        count += 1
+        next_sum, next_count = next_sum + ce, next_count + 1
+  assert next_count > 0 or not next_weight
   np.testing.assert_allclose(out['objective'], objective, rtol=1e-5)
   assert out['tokens'] == count
   np.testing.assert_allclose(out['ce_sum'], ce_sum, rtol=1e-5)
+  np.testing.assert_allclose([out['next_item_ce_sum'], out['next_item_count']], [next_sum, next_count], rtol=1e-5)
   # The mean loss divides by supervised tokens, not by weights.
   np.testing.assert_allclose(out['objective'] / out['tokens'], objective / count, rtol=1e-5)
 

@@ -107,6 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.clip_norm = 1.0
   c.train.focal_gamma = 2.0          # (1 - p_t)^gamma re-weighting; 0 = plain cross-entropy
   c.train.z_loss = 0.0               # coefficient of mean(logsumexp(logits)^2) on supervised tokens
+  # > 0: every history chunk also predicts the item bought next, with this loss weight (unimp_jax.train.loss;
+  # the paper supervises only answer spans). Atomic item ids only.
+  c.train.next_item_weight = 0.0
+  # Items released after the data's cut-off (cold items) are left out of the training softmax: they do not
+  # exist yet at training time (unimp_jax.train.loss). Atomic item ids (semantic codes are shared).
+  c.train.exclude_cold_items = True
   c.train.microbatches = 1           # gradient accumulation: the batch is split into this many
   # Regexes over parameter paths (`python -m unimp_jax.model.summary`). tiny trains from scratch, so
   # nothing is frozen; configs/paper.py freezes the pretrained towers as the paper does.
@@ -202,6 +208,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
     _check(not directory or os.path.isdir(directory), f'pretrained.{source}', f'{directory!r} is not a directory')
   t = cfg.train
   _check(t.schedule in SCHEDULES, 'train.schedule', f'{t.schedule!r} is not one of {SCHEDULES}')
+  _check(t.next_item_weight >= 0, 'train.next_item_weight', f'{t.next_item_weight} is negative')
+  _check(not t.next_item_weight or cfg.data.item_ids == 'atomic', 'train.next_item_weight',
+         "the next-item loss predicts one atomic item token; with data.item_ids='semantic' set it to 0")
   per_process = cfg.data.batch_size // max(1, data * fsdp)
   _check(cfg.data.batch_size % (t.microbatches * data * fsdp) == 0, 'train.microbatches',
          f'data.batch_size={cfg.data.batch_size} does not split into {t.microbatches} micro-batches of a '
@@ -257,6 +266,6 @@ def num_params_analytic(model_cfg) -> dict[str, int]:
       + (2 * hd if lm.qk_norm else 0))
   embeddings = vocab * w * (1 if lm.tie_embeddings else 2)
   language = embeddings + decoder + cross + w
-  item_encoder = (w * w + d * w) if model_cfg.item_embeddings == 'content' else 0  # two projections, no bias
+  item_encoder = (w * w + w + d * w) if model_cfg.item_embeddings == 'content' else 0  # one shared bias
   return dict(vision=vision, connector=connector, lm=language, cross_attention=cross, items=item_encoder,
               total=vision + connector + language + item_encoder)

@@ -60,7 +60,8 @@ class MakeExample:
     ex = self.builder.build(task, user, target, with_answer=self.stage == 'train', rng=rng)
     features = dict(tokens=ex.tokens, answer_mask=ex.answer_mask, image_items=ex.image_items,
                     task=np.int32(ex.task), weight=np.float32(self.weights[task]),
-                    prompt_length=np.int32(ex.prompt_length), target=ex.target, user=np.int32(user_index))
+                    prompt_length=np.int32(ex.prompt_length), target=ex.target, user=np.int32(user_index),
+                    next_items=ex.next_items)
     if self.builder.uses_images:  # text-only and id-only runs carry no pictures at all
       features['images'] = gather_images(self.builder.dataset, ex.image_items)
     return features

@@ -54,6 +54,8 @@ class Example:
   task: int                 # index into unimp_jax.tasks.NAMES
   prompt_length: int        # tokens before the final answer (where generation starts)
   target: np.ndarray        # int32 [4]: item id | rating | positive slot bitmask, -1 where not used
+  next_items: np.ndarray    # int32 [seq_len]: at each history chunk's `<|endofchunk|>`, the id token of the
+                            # item bought next (the following chunk's, or the target's); -1 elsewhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +211,22 @@ class TaskBuilder:
     tokens[:len(full)] = full
     image_items = np.full(self.num_images, IGNORE, np.int32)
     image_items[:len(images)] = images
+    kept = history[len(history) - len(chunks):]
     return Example(tokens=tokens, answer_mask=answer_mask(tokens, self.ids, self.pad), image_items=image_items,
-                   task=tasks.NAMES.index(task), prompt_length=len(prompt), target=goal)
+                   task=tasks.NAMES.index(task), prompt_length=len(prompt), target=goal,
+                   next_items=self.next_items(kept, [len(c[0]) for c in chunks], target_inter.item))
+
+  def next_items(self, history: Sequence[formats.Interaction], chunk_lengths: Sequence[int], target_item: int):
+    """`Example.next_items`: the labels of the history's next-item loss (`train.next_item_weight`). Only
+    single-token ids have one; an item without an id (a prediction's new item) has none."""
+    labels = np.full(self.seq_len, IGNORE, np.int32)
+    if self.item_tokens.shape[1] != 1:
+      return labels
+    following = [i.item for i in history[1:]] + [target_item]
+    for end, item in zip(np.cumsum(chunk_lengths) - 1, following):
+      if item < len(self.item_tokens):
+        labels[end] = self.item_tokens[item, 0]
+    return labels
 
   def _instruction(self, template: str, inter: formats.Interaction) -> np.ndarray:
     before, has_query, after = template.partition('{query}')

@@ -32,11 +32,16 @@ ITEM_EMBEDDINGS = ('learned', 'content')
 
 
 class ItemEncoder(nnx.Module):
-  """Projects an item's pooled text embeddings and pooled picture latents into LM-width rows."""
+  """Projects an item's pooled text embeddings and pooled picture latents into LM-width rows.
+
+  The text projection's bias is a direction every item row shares. The pooled features are centred over
+  the catalogue (`standardise`), so without it nothing would mark an item token as an item: attention
+  could not gather the history's items in one step.
+  """
 
   def __init__(self, lm_width: int, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.text_proj = layers.Dense(lm_width, lm_width, ('embed', 'mlp'), **kw)
+    self.text_proj = layers.Dense(lm_width, lm_width, ('embed', 'mlp'), use_bias=True, **kw)
     self.image_proj = layers.Dense(vision_width, lm_width, ('embed', 'mlp'), **kw)
 
   def __call__(self, text_nd: jax.Array, image_nd: jax.Array | None) -> jax.Array:

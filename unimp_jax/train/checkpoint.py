@@ -201,8 +201,15 @@ def restore_params(directory: str, abstract_params, *, step: int | None = None):
 
   options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
   with ocp.CheckpointManager(directory, options=options) as manager:
-    restored, _, _ = _restore_newest(manager, directory, args, step)
-  return restored['state']['params']
+    restored, good_step, _ = _restore_newest(manager, directory, args, step)
+  params = restored['state']['params']
+  # A partial restore leaves a parameter the checkpoint lacks as its abstract placeholder.
+  missing = ['/'.join(map(str, path)) for path, leaf in traverse_util.flatten_dict(params).items()
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f'{directory} step {good_step} has no {", ".join(missing)}: it was written by another '
+                          'model (an older version of the code, or a different config)')
+  return params
 
 
 # A stage-1 run's added vocabulary `[<image> <|endofchunk|> <answer> rate_1..5 slots]` is a prefix of every

@@ -2,6 +2,15 @@
 
     loss = sum(task_weight * (1 - p_t)^gamma * CE) / number of supervised tokens
 
+Optionally (`train.next_item_weight`, off in the paper's objective) every history chunk's
+`<|endofchunk|>` also predicts the id of the item bought next, as a sequential recommender is trained
+at every step of the sequence (`Example.next_items`). Those positions count as supervised tokens, with
+weight `next_item_weight` whatever the example's task.
+
+`excluded` token ids (items released after the data's cut-off) are left out of every softmax: at
+training time those items do not exist yet, and as permanent negatives the model would learn to rank
+them last, the opposite of what they are there for.
+
 `token_losses` returns *sums*, not means, so that gradient accumulation divides by the token count of
 the whole batch once, and 4 micro-batches give exactly the gradient of one 4x batch.
 """
@@ -13,21 +22,35 @@ import jax.numpy as jnp
 
 
 def token_losses(logits_btv: jax.Array, tokens_bt: jax.Array, answer_mask_bt: jax.Array, weight_b: jax.Array,
-                 task_b: jax.Array, *, num_tasks: int, focal_gamma: float, z_loss: float) -> dict[str, jax.Array]:
-  """Sums over supervised tokens; position t's logits predict token t+1, so the mask of t+1 applies.
+                 task_b: jax.Array, *, num_tasks: int, focal_gamma: float, z_loss: float,
+                 next_items_bt: jax.Array | None = None, next_item_weight: float = 0.0,
+                 excluded=None) -> dict[str, jax.Array]:
+  """Sums over supervised tokens; position t's logits predict token t+1, so the mask of t+1 applies,
+  except where `next_items_bt[t]` names the next item (used when `next_item_weight` > 0).
 
   Returns `objective` (what is differentiated: weighted focal CE plus z-loss), `tokens` (how many are
-  supervised), and per task `ce_sum` / `count` [num_tasks] of plain CE, for reporting.
+  supervised), per task `ce_sum` / `count` [num_tasks] of plain CE on answer spans, and the next-item
+  positions' `next_item_ce_sum` / `next_item_count`, for reporting.
   """
   logits = logits_btv[:, :-1].astype(jnp.float32)
+  if excluded is not None and len(excluded):  # a target among them gives an infinite loss: training stops
+    logits = logits.at[..., excluded].set(-jnp.inf)
   targets, mask = tokens_bt[:, 1:], answer_mask_bt[:, 1:].astype(jnp.float32)
+  weight = jnp.broadcast_to(weight_b[:, None], mask.shape)
+  next_mask = jnp.zeros_like(mask)
+  if next_item_weight:
+    next_mask = (next_items_bt[:, :-1] >= 0).astype(jnp.float32)  # never an answer position: those are
+    targets = jnp.where(next_mask > 0, next_items_bt[:, :-1], targets)  # followed by answer or end tokens
+    weight = jnp.where(next_mask > 0, next_item_weight, weight)
+  supervised = mask + next_mask
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   ce = log_z - target_logit
   focal = (1.0 - jnp.exp(-ce)) ** focal_gamma if focal_gamma else 1.0
-  objective = (weight_b[:, None] * focal * ce * mask).sum()
+  objective = (weight * focal * ce * supervised).sum()
   if z_loss:
-    objective = objective + z_loss * (jnp.square(log_z) * mask).sum()
+    objective = objective + z_loss * (jnp.square(log_z) * supervised).sum()
   one_hot = jax.nn.one_hot(task_b, num_tasks, dtype=jnp.float32)            # [B, tasks]
-  return dict(objective=objective, tokens=mask.sum(),
-              ce_sum=one_hot.T @ (ce * mask).sum(1), count=one_hot.T @ mask.sum(1))
+  return dict(objective=objective, tokens=supervised.sum(),
+              ce_sum=one_hot.T @ (ce * mask).sum(1), count=one_hot.T @ mask.sum(1),
+              next_item_ce_sum=(ce * next_mask).sum(), next_item_count=next_mask.sum())

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from unimp_jax import tasks
+from unimp_jax.data import formats
 from unimp_jax.model import items, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import loss as loss_lib
 
-BATCH_KEYS = ('tokens', 'answer_mask', 'images', 'weight', 'task')
+BATCH_KEYS = ('tokens', 'answer_mask', 'images', 'weight', 'task', 'next_items')
 
 
 def step_inputs(batch: dict) -> dict:
@@ -48,10 +50,11 @@ def state_shardings(abstract_params, tx, mesh, rules):
                                  abstract_state, shardings)
 
 
-def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
+def accumulated_gradients(graphdef, train_cfg, *, pad_id: int, excluded=None):
   """`(params, batch, catalogue=None) -> (grads, sums)`: mean gradient over the batch's supervised
   tokens, accumulated over `train.microbatches` micro-batches by `lax.scan` (sums first, one division at
-  the end). `catalogue` (TaskBuilder.catalogue().arrays()) feeds content item rows (unimp_jax.model.items)."""
+  the end). `catalogue` (TaskBuilder.catalogue().arrays()) feeds content item rows (unimp_jax.model.items);
+  the token ids `excluded` are left out of the softmax (`excluded_tokens`)."""
   num_tasks = len(tasks.NAMES)
 
   def objective(params, micro, catalogue):
@@ -60,7 +63,9 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
     params = items.with_item_rows(graphdef, params, catalogue, pad_id=pad_id)
     logits = nnx.merge(graphdef, params)(tokens, images, tokens != pad_id)
     out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
-                                num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss)
+                                num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss,
+                                next_items_bt=micro.get('next_items'), next_item_weight=train_cfg.next_item_weight,
+                                excluded=excluded)
     return out['objective'], out
 
   def gradients(params, batch, catalogue=None):
@@ -79,14 +84,24 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int):
   return gradients
 
 
-def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding):
+def excluded_tokens(train_cfg, builder) -> np.ndarray | None:
+  """The item tokens of items released after the data's cut-off (`extra.cold_items`), which
+  `train.exclude_cold_items` leaves out of the training softmax (unimp_jax.train.loss); None when nothing
+  is left out. Semantic ids leave nothing out: their code tokens are shared with released items."""
+  cold = formats.cold_mask(builder.dataset)[:builder.ids.num_items]
+  if not (train_cfg.exclude_cold_items and cold.any() and builder.item_tokens.shape[1] == 1):
+    return None
+  return builder.item_tokens[cold, 0]
+
+
+def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding, excluded=None):
   """`step(state, batch, catalogue) -> (state, metrics)`, jitted, donating the old state;
-  `catalogue` as in `accumulated_gradients` (None for learned item rows).
+  `catalogue` as in `accumulated_gradients` (None for learned item rows), `excluded` its `excluded_tokens`.
 
   A non-finite loss or gradient leaves the state unchanged and reports `finite = False`; the trainer
   stops and keeps the last good checkpoint.
   """
-  gradients = accumulated_gradients(graphdef, train_cfg, pad_id=pad_id)
+  gradients = accumulated_gradients(graphdef, train_cfg, pad_id=pad_id, excluded=excluded)
 
   def step(state, batch, catalogue):
     params = state['params']
@@ -101,6 +116,8 @@ def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sh
     per_task = sums['ce_sum'] / jnp.maximum(sums['count'], 1.0)
     for i, name in enumerate(tasks.NAMES):
       metrics[f'loss/{name}'] = jnp.where(sums['count'][i] > 0, per_task[i], jnp.nan)
+    if train_cfg.next_item_weight:
+      metrics['loss/next_item'] = sums['next_item_ce_sum'] / jnp.maximum(sums['next_item_count'], 1.0)
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
