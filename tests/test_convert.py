@@ -176,6 +176,12 @@ def test_same_seed_is_byte_identical_and_other_seeds_differ(tmp_path):
     _amazon2014(tmp_path, '--out', str(tmp_path / 'a'))
   assert _amazon2014(tmp_path, '--out', str(tmp_path / 'a'), '--overwrite', '--seed', '1')['counts']['items'] == 5
   assert _bytes(tmp_path / 'a' / 'items.jsonl') == _bytes(tmp_path / 'c' / 'items.jsonl')
+  # --overwrite replaces a dataset only: not the raw input folder, nor any other folder or file.
+  raw_files = sorted(os.listdir(tmp_path / 'raw'))
+  for target in (tmp_path / 'raw', tmp_path / 'raw' / 'meta_Beauty.json'):
+    with pytest.raises(DatasetError, match='not a dataset'):
+      _amazon2014(tmp_path, '--out', str(target), '--overwrite')
+  assert sorted(os.listdir(tmp_path / 'raw')) == raw_files
 
 
 # ---- Amazon 2018 ------------------------------------------------------------------------------------------

@@ -141,6 +141,10 @@ def write_dataset(path: str, *, name: str, items: Sequence[Item], images: Iterab
   path = os.path.abspath(path)
   if os.path.exists(path) and not overwrite:
     raise DatasetError(f'{path} already exists; pass overwrite=True (--overwrite) to replace it')
+  if os.path.exists(path) and not os.path.isfile(os.path.join(path, 'manifest.json')):
+    # Overwriting replaces a dataset, never whatever folder (or file) the output path happens to name.
+    raise DatasetError(f'{path} is not a dataset (no manifest.json), so overwrite will not delete it; '
+                       'remove it yourself or write somewhere else')
   for i, user in enumerate(users):
     for j, inter in enumerate(user.interactions):
       if not 0 <= inter.item < len(items):
