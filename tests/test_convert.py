@@ -264,6 +264,16 @@ def test_hm_malformed_transaction_names_file_and_line(tmp_path, line, message):
     convert.main(['hm', '--root', str(root), '--out', str(tmp_path / 'out'), *FAST])
 
 
+def test_hm_bad_bytes_are_blamed_on_their_line(tmp_path):
+  root, _ = _hm(tmp_path)
+  path = root / 'transactions_train.csv'
+  lines = path.read_bytes().splitlines()
+  lines[5] = lines[5].replace(b'bbbb', b'bb\xff\xfe')
+  path.write_bytes(b'\n'.join(lines) + b'\n')
+  with pytest.raises(DatasetError, match='transactions_train.csv:6: not utf-8'):
+    convert.main(['hm', '--root', str(root), '--out', str(tmp_path / 'out'), *FAST])
+
+
 # ---- MovieLens --------------------------------------------------------------------------------------------
 # 196: 1@949 543@950 2@1000; 186: 2@742 1@700 4@800 (file order differs from time order); 22: 543, 4, 2;
 # 7: 3, 5 (2 ratings: dropped by the 3-user core, and with it movies 3 and 5).

@@ -203,23 +203,31 @@ def _int(value: str, what: str, where: str) -> int:
 
 
 def _csv(path: str, columns: tuple[str, ...]):
-  """(where, {column: value}) per record of a headed CSV file, checking the header and field counts."""
-  with open(path, newline='', encoding='utf-8') as f:
-    reader = csv.reader(f)
-    try:
-      header = next(reader, [])
-      missing = [c for c in columns if c not in header]
-      if missing:
-        raise DatasetError(f'{path}:1: missing column(s) {", ".join(missing)}')
-      index = [header.index(c) for c in columns]
-      for row in reader:
-        if not row:
-          continue
-        if len(row) != len(header):
-          raise DatasetError(f'{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}')
-        yield f'{path}:{reader.line_num}', dict(zip(columns, (row[i] for i in index)))
-    except (csv.Error, UnicodeDecodeError) as e:
-      raise DatasetError(f'{path}:{reader.line_num + 1}: {e}') from None
+  """(where, {column: value}) per record of a headed CSV file, checking the header and field counts.
+
+  Lines come from `_lines`, decoded one at a time, so bad bytes are blamed on their own line (a text-mode
+  file decodes ahead in blocks); `line` is the physical line the reader has reached.
+  """
+  line = 0
+
+  def numbered():
+    nonlocal line
+    for line, text in _lines(path):
+      yield text
+
+  reader = csv.reader(numbered())
+  try:
+    header = next(reader, [])
+    missing = [c for c in columns if c not in header]
+    if missing:
+      raise DatasetError(f'{path}:1: missing column(s) {", ".join(missing)}')
+    index = [header.index(c) for c in columns]
+    for row in reader:
+      if len(row) != len(header):
+        raise DatasetError(f'{path}:{line}: {len(row)} fields, the header has {len(header)}')
+      yield f'{path}:{line}', dict(zip(columns, (row[i] for i in index)))
+  except csv.Error as e:
+    raise DatasetError(f'{path}:{line}: {e}') from None
 
 
 # ---- one reader per format ---------------------------------------------------------------------------
