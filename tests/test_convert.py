@@ -297,6 +297,25 @@ def test_movielens_without_images_converts_end_to_end(tmp_path, source):
   assert not ds.images(np.arange(4)).any()
 
 
+@pytest.mark.parametrize('args, message', [
+    (['movielens', '--root', 'ROOT/missing'], '--root ROOT/missing: no such directory'),
+    (['amazon2014', '--meta', 'ROOT/meta.json', '--reviews', 'ROOT/r.json'], '--meta ROOT/meta.json: no such file'),
+    (['movielens', '--root', 'ROOT', '--image_size', '0'], '--image_size 0: must be at least 1'),
+    (['movielens', '--root', 'ROOT', '--tokenizer', 'ROOT/tok'], '--tokenizer ROOT/tok: no such directory'),
+    (['movielens', '--root', 'ROOT', '--out', 'ROOT/u.data'], 'already exists'),
+    (['movielens', '--root', 'ROOT', '--out', 'ROOT/u.data', '--overwrite'], 'is not a dataset'),
+])
+def test_bad_arguments_are_refused_before_anything_is_read(tmp_path, monkeypatch, args, message):
+  root = tmp_path / 'ml'
+  shutil.copytree(os.path.join(RAW, 'movielens', 'ml-100k'), root)
+  monkeypatch.setattr(convert, 'read_movielens', lambda *_: pytest.fail('read the input before checking it'))
+  args = [a.replace('ROOT', str(root)) for a in args]
+  out = [] if '--out' in args else ['--out', str(tmp_path / 'out')]
+  with pytest.raises(DatasetError, match=re.escape(message.replace('ROOT', str(root)))):
+    convert.main([*args, *out])
+  assert sorted(os.listdir(root)) == ['u.data', 'u.item']  # nothing deleted
+
+
 def test_movielens_grouplens_and_recbole_files_give_the_same_dataset(tmp_path):
   for source in ('ml-100k', 'recbole'):
     convert.main(['movielens', '--root', os.path.join(RAW, 'movielens', source), '--out', str(tmp_path / source),

@@ -47,7 +47,8 @@ import numpy as np
 from unimp_jax.data import images as images_lib
 from unimp_jax.data import prompts
 from unimp_jax.data import tokenizer as tokenizer_lib
-from unimp_jax.data.formats import DatasetError, Interaction, Item, User, split_by_user, write_dataset
+from unimp_jax.data.formats import (DatasetError, Interaction, Item, User, check_replaceable, split_by_user,
+                                    write_dataset)
 
 NUM_SLOTS = 3                   # image-selection candidates per question
 KEYWORDS_PER_ITEM = 5
@@ -553,6 +554,24 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _check_arguments(args):
+  """Every input named on the command line exists and every number makes sense, before any file is
+  parsed (a bad --out would otherwise surface only after the whole meta file)."""
+  inputs = [('--meta', p) for p in getattr(args, 'meta', None) or []]
+  inputs += [('--reviews', p) for p in getattr(args, 'reviews', None) or []]
+  for flag, path in inputs:
+    if not os.path.isfile(path):
+      raise DatasetError(f'{flag} {path}: no such file')
+  for flag, path in (('--images', getattr(args, 'images', None)), ('--root', getattr(args, 'root', None)),
+                     ('--tokenizer', args.tokenizer)):
+    if path and not os.path.isdir(path):
+      raise DatasetError(f'{flag} {path}: no such directory')
+  for flag in ('image_size', 'min_user_interactions', 'min_item_interactions', 'bpe_vocab'):
+    if getattr(args, flag) < 1:
+      raise DatasetError(f'--{flag} {getattr(args, flag)}: must be at least 1')
+  check_replaceable(args.out, args.overwrite)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = _parser().parse_args(argv)
   if getattr(args, 'write_urls', None):
@@ -563,8 +582,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raise DatasetError('--out is required: the directory the unified dataset is written to')
   if args.format.startswith('amazon') and not args.reviews:
     raise DatasetError('--reviews is required: the review JSON-lines files')
-  if os.path.exists(args.out) and not args.overwrite:   # before reading anything
-    raise DatasetError(f'{args.out} already exists; pass --overwrite to replace it')
+  _check_arguments(args)  # before reading anything
   if args.format == 'amazon2014':
     raw = read_amazon2014(args.meta, args.reviews, args.images)
   elif args.format == 'amazon2018':
@@ -586,5 +604,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == '__main__':
   try:
     main()
-  except DatasetError as e:
+  except (DatasetError, OSError) as e:  # OSError: a file that vanished or cannot be read mid-conversion
     sys.exit(f'error: {e}')

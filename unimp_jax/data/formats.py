@@ -130,6 +130,18 @@ def _image_spec(path: str, num_items: int, image_size: int) -> dict[str, Any]:
                        'codecs': [{'name': 'bytes'}, {'name': 'zstd', 'configuration': {'level': 3}}]}}
 
 
+def check_replaceable(path: str, overwrite: bool):
+  """A dataset may be written at `path`: nothing is there, or (with `overwrite`) a dataset is. Overwriting
+  replaces a dataset, never whatever folder or file the output path happens to name."""
+  if not os.path.exists(path):
+    return
+  if not overwrite:
+    raise DatasetError(f'{path} already exists; pass overwrite=True (--overwrite) to replace it')
+  if not os.path.isfile(os.path.join(path, 'manifest.json')):
+    raise DatasetError(f'{path} is not a dataset (no manifest.json), so overwrite will not delete it; '
+                       'remove it yourself or write somewhere else')
+
+
 def write_dataset(path: str, *, name: str, items: Sequence[Item], images: Iterable[np.ndarray | None],
                   users: Sequence[User], image_size: int, split_seed: int, tokenizer=None,
                   extra: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -139,12 +151,7 @@ def write_dataset(path: str, *, name: str, items: Sequence[Item], images: Iterab
   order, so converters can stream them. `tokenizer` is a `transformers.PreTrainedTokenizerFast`.
   """
   path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
-    raise DatasetError(f'{path} already exists; pass overwrite=True (--overwrite) to replace it')
-  if os.path.exists(path) and not os.path.isfile(os.path.join(path, 'manifest.json')):
-    # Overwriting replaces a dataset, never whatever folder (or file) the output path happens to name.
-    raise DatasetError(f'{path} is not a dataset (no manifest.json), so overwrite will not delete it; '
-                       'remove it yourself or write somewhere else')
+  check_replaceable(path, overwrite)
   for i, user in enumerate(users):
     for j, inter in enumerate(user.interactions):
       if not 0 <= inter.item < len(items):
