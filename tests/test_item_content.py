@@ -119,7 +119,7 @@ print('RESULT', json.dumps(dict(last_step=run.last_step, item_tokens=list(run.bu
 
 
 SEMANTIC = ('model.item_embeddings=learned', 'data.item_ids=semantic', 'data.semantic.levels=2', 'data.semantic.codebook=8',
-            'data.semantic.max_collisions=16')
+            'data.semantic.max_collisions=16', 'train.next_item_weight=0.0')  # the next-item loss needs atomic ids
 
 
 @pytest.fixture(scope='module')
