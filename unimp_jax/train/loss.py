@@ -34,7 +34,8 @@ def token_losses(logits_btv: jax.Array, tokens_bt: jax.Array, answer_mask_bt: ja
   """
   logits = logits_btv[:, :-1].astype(jnp.float32)
   if excluded is not None and len(excluded):  # a target among them gives an infinite loss: training stops
-    logits = logits.at[..., excluded].set(-jnp.inf)
+    keep = jnp.ones(logits.shape[-1], bool).at[excluded].set(False)  # [V]: one select fused into the logits
+    logits = jnp.where(keep, logits, -jnp.inf)
   targets, mask = tokens_bt[:, 1:], answer_mask_bt[:, 1:].astype(jnp.float32)
   weight = jnp.broadcast_to(weight_b[:, None], mask.shape)
   next_mask = jnp.zeros_like(mask)
