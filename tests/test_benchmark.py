@@ -2,9 +2,10 @@
 
 import os
 
+import pytest
 from PIL import Image
 
-from unimp_jax import config as config_lib
+from unimp_jax import benchmark, config as config_lib
 from unimp_jax.eval import ranking
 from unimp_jax.train import report
 
@@ -38,3 +39,10 @@ def test_markdown_and_plot(tmp_path):
   path = str(tmp_path / 'hr10.png')
   report.plot_benchmark(path, results, ceilings)
   assert Image.open(path).size[0] > 300 and os.path.getsize(path) > 5000
+
+
+def test_variants_are_chosen_by_name_and_unimp_always_runs():
+  assert list(benchmark.chosen_variants('fashion', None)) == list(benchmark.VARIANTS['fashion'])
+  assert list(benchmark.chosen_variants('fashion', ['UniMP text only'])) == ['UniMP', 'UniMP text only']
+  with pytest.raises(config_lib.ConfigError, match="--variants: \\['UniMP text'\\]"):
+    benchmark.chosen_variants('fashion', ['UniMP text'])

@@ -1,6 +1,7 @@
 """Config loading, validation at start-up, and parameter counts of every preset."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from unimp_jax import config as config_lib
 from unimp_jax.model import unimp
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ['configs/tiny.py', 'configs/small.py', 'configs/paper.py:1b', 'configs/paper.py:3b',
            'configs/paper.py:7b']
 
@@ -37,6 +39,15 @@ def test_command_line_overrides_apply_and_unknown_keys_fail():
     (('train.next_item_weight=-1.0',), 'train.next_item_weight'),
     (('model.item_embeddings=learned', 'data.item_ids=semantic', 'train.next_item_weight=1.0'),
      'train.next_item_weight'),
+    (('train.steps=-5',), 'train.steps'),
+    (('data.batch_size=0',), 'data.batch_size'),
+    (('mesh.data=0',), 'mesh.data'),
+    (('checkpoint.every=0',), 'checkpoint.every'),
+    (('train.learning_rate=nan',), 'train.learning_rate'),
+    (('train.learning_rate=-1e-3',), 'train.learning_rate'),
+    (('train.warmup_fraction=1.0',), 'train.warmup_fraction'),
+    (('train.clip_norm=0.0',), 'train.clip_norm'),
+    (('train.z_loss=nan',), 'train.z_loss'),
 ])
 def test_bad_configs_fail_before_compiling_and_name_the_key(overrides, key):
   cfg = config_lib.load('configs/tiny.py', overrides)
@@ -45,7 +56,8 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(overrides, key):
 
 
 @pytest.mark.parametrize('preset,overrides', [(p, ()) for p in PRESETS] + [
-    ('configs/tiny.py', ('model.lm.qkv_bias=True', 'model.lm.num_kv_heads=2', 'model.lm.tie_embeddings=True'))])
+    ('configs/tiny.py', ('model.lm.qkv_bias=True', 'model.lm.num_kv_heads=2', 'model.lm.tie_embeddings=True')),
+    ('configs/tiny.py', ('model.item_embeddings=content+id',))])
 def test_parameter_counts_match_the_analytic_formula(preset, overrides):
   cfg = config_lib.load(preset, overrides)
   _, state = unimp.abstract_model(cfg.model)  # shapes only: paper presets are never allocated
@@ -77,3 +89,19 @@ def test_summary_command_prints_counts_and_shardings():
   assert 'lm/groups/layers/mlp/gate/kernel' in out and '(-, -, fsdp, -)' in out
   total = config_lib.num_params_analytic(config_lib.load('configs/paper.py:3b').model)['total']
   assert f'{total:,d}' in out
+
+
+@pytest.mark.parametrize('override,says', [
+    ('train.stepz=5', 'unknown key \'stepz\'; Did you mean "steps"'),
+    ('train.steps=abc', '--config.train.steps=abc'),
+    ('train.steps=-5', 'config.train.steps: -5: must be >= 1'),
+    ('data.path={tmp}/mistyped/fashion', 'config.data.path: no dataset at'),
+])
+def test_the_main_job_refuses_a_bad_config_in_one_line(tmp_path, override, says):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run([sys.executable, '-m', 'unimp_jax.main', '--config', 'configs/tiny.py', '--workdir',
+                         str(tmp_path / 'run'), f'--config.{override.format(tmp=tmp_path)}'],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and says in proc.stderr
+  assert not (tmp_path / 'mistyped').exists() and not (tmp_path / 'run' / 'checkpoints').exists()

@@ -9,8 +9,9 @@ from flax import nnx
 from unimp_jax import config as config_lib, tasks
 from unimp_jax.data import formats, pipeline, splits, synthetic
 from unimp_jax.eval import evaluate
-from unimp_jax.model import unimp
+from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.tasks import selection
 
 BATCH = 4
 
@@ -94,3 +95,28 @@ def test_preference_and_selection_rows_are_well_formed(setup):
   assert set(np.unique(preference['rating'])) <= {1, 2, 3, 4, 5}
   selection = rows(setup, 'selection')
   assert (selection['positives'] > 0).all() and (selection['chosen'] < 8).all()
+
+
+def test_selection_decoding_writes_only_candidate_ids(setup):
+  """`selection.chosen_slots` (restricted greedy decoding with the KV cache) against the same decoding
+  written as full forward passes over the growing sequence, on held-out selection prompts."""
+  cfg, builder, graphdef, params, _ = setup
+  model = nnx.merge(graphdef, params)
+  for u in splits.split_users(builder.dataset, cfg.data.split, 'test')[:3]:
+    user = builder.dataset.user(int(u))
+    ex = builder.build('selection', user, len(user.interactions) - 1, with_answer=False,
+                       rng=np.random.default_rng(int(u)))
+    prompt = ex.tokens[:ex.prompt_length]
+    images = vision.normalize(pipeline.gather_images(builder.dataset, ex.image_items)[None])
+    chosen = selection.chosen_slots(graphdef, params, builder, ex.tokens[None], images, np.asarray([ex.prompt_length]))
+    candidates = list(selection.candidate_ids(builder, prompt)[:, 0])
+    sequence, written = list(prompt), []
+    for _ in range(len(candidates) + 1):
+      logits = np.asarray(model(np.asarray([sequence]), images)[0, -1])
+      allowed = candidates + [builder.eos]
+      token = allowed[int(np.argmax(logits[allowed]))]
+      if token == builder.eos:
+        break
+      sequence.append(token)
+      written.append(token)
+    assert int(chosen[0]) == sum(1 << k for k, c in enumerate(candidates) if c in written)

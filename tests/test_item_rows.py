@@ -19,9 +19,9 @@ def dataset(tmp_path_factory):
   return formats.UnifiedDataset(path)
 
 
-def _model(dataset, content='image+text'):
+def _model(dataset, content='image+text', rows='content'):
   cfg = config_lib.base_config()
-  cfg.model.item_embeddings = 'content'
+  cfg.model.item_embeddings = rows
   cfg.data.update(path=dataset.path, item_content=content, batch_size=2)
   builder = pipeline.make_builder(cfg, dataset)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
@@ -93,8 +93,38 @@ def test_the_train_step_trains_the_item_encoder_and_needs_the_catalogue(dataset)
     gradients(params, batch)
 
 
+def test_learned_id_rows_start_at_zero_and_cold_items_never_get_one(dataset):
+  """'content+id': an item's row is its content row plus a learned row, zero at the start. A cold item
+  (never in a training history, left out of the training softmax) gets no gradient, so it keeps its
+  content row; every other item's learned row is trained."""
+  cfg, builder, graphdef, params = _model(dataset, rows='content+id')
+  catalogue = builder.catalogue()
+  first, last = (r - builder.ids.base_vocab_size for r in builder.ids.item_range)
+  out = items.inference_params(graphdef, params, builder)
+  expected = _reference_rows(nnx.merge(graphdef, params), params, builder, catalogue)
+  np.testing.assert_allclose(np.asarray(out['lm']['added_embed'][first:last]), expected, rtol=1e-4, atol=1e-5)
+
+  cfg.train.exclude_cold_items = True
+  excluded = step_lib.excluded_tokens(cfg.train, builder)
+  cold = np.isin(np.arange(first, last) + builder.ids.base_vocab_size, excluded)
+  assert 0 < cold.sum() < len(cold)
+  batch = step_lib.step_inputs(next(iter(pipeline.make_dataset(builder, cfg.data, seed=0))))
+  gradients = jax.jit(step_lib.accumulated_gradients(graphdef, cfg.train, pad_id=builder.pad, excluded=excluded))
+  grads, _ = gradients(params, batch, catalogue.arrays())
+  moved = np.abs(np.asarray(grads['items']['id_rows'][first:last])).max(1) > 0
+  np.testing.assert_array_equal(moved, ~cold)
+  # A learned row adds to the item's content row, nothing else.
+  id_rows = np.array(params['items']['id_rows'])
+  id_rows[first + 3] += 1.0
+  shifted = items.inference_params(graphdef, dict(params, items=dict(params['items'], id_rows=id_rows)),
+                                   builder)['lm']['added_embed']
+  np.testing.assert_allclose(np.asarray(shifted - out['lm']['added_embed'])[first:last],
+                             np.eye(last - first)[3][:, None] * np.ones(expected.shape[1]), atol=1e-5)
+
+
 @pytest.mark.parametrize('overrides', [('data.item_ids=semantic',), ('data.item_content=ids',)])
-def test_content_rows_need_atomic_ids_and_content(overrides):
-  cfg = config_lib.load('configs/tiny.py', ('model.item_embeddings=content', *overrides))
+@pytest.mark.parametrize('rows', ['content', 'content+id'])
+def test_content_rows_need_atomic_ids_and_content(overrides, rows):
+  cfg = config_lib.load('configs/tiny.py', (f'model.item_embeddings={rows}', *overrides))
   with pytest.raises(config_lib.ConfigError, match='config.model.item_embeddings'):
     config_lib.validate(cfg, 8)

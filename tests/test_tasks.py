@@ -9,6 +9,7 @@ from unimp_jax import config as config_lib
 from unimp_jax import tasks
 from unimp_jax.data import formats, pipeline, prompts, splits, synthetic
 from unimp_jax.data.tokenizer import TokenIds
+from unimp_jax.tasks import selection
 
 
 @pytest.fixture(scope='module')
@@ -66,7 +67,10 @@ def test_prompts_and_loss_masks(builder, dataset, task):
   if task == 'selection':
     sel = user.selections[target % len(user.selections)]
     assert list(shown[-3:]) == list(sel.candidates)
-    assert list(final[:-1]) == sorted(ids.slot(sel.candidates.index(p)) for p in sel.positives)
+    assert list(final[:-1]) == [ids.item(c) for c in sel.candidates if c in sel.positives]
+    # Evaluation reads the candidates back from the prompt: each one's id, written after `Selection`.
+    np.testing.assert_array_equal(selection.candidate_ids(builder, evaluation.tokens[:evaluation.prompt_length]),
+                                  builder.item_tokens[list(sel.candidates)])
 
 
 @pytest.mark.parametrize('task', tasks.EVALUATED)

@@ -25,10 +25,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from unimp_jax import baselines, tasks
+from unimp_jax import baselines, config as config_lib, tasks
 from unimp_jax.baselines import attributes
 from unimp_jax.baselines import ratings as rating_baselines
 from unimp_jax.data import movielens, splits
@@ -39,6 +39,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/benchmark.py', 'Pre
 _DATASET = flags.DEFINE_enum('dataset', 'fashion', ['fashion', 'movielens'], 'Which benchmark.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, the report and plots go.', required=True)
 _CACHE = flags.DEFINE_string('cache', os.path.expanduser('~/.cache/unimp_jax'), 'Download cache (MovieLens).')
+_VARIANTS = flags.DEFINE_list('variants', None, 'UniMP variants to train (default: all of the dataset\'s; '
+                              'UniMP itself always runs: the intervals are against it).')
 
 # name -> (config.data.item_content, config.data.item_ids, config.model.item_embeddings). UniMP and its
 # text-only twin embed item tokens by the items' content (unimp_jax/model/items.py), so both can rank
@@ -49,6 +51,15 @@ VARIANTS = {'fashion': {'UniMP': ('image+text', 'atomic', 'content'),
                         'UniMP IDs only': ('ids', 'atomic', 'learned'),
                         'UniMP semantic ids': ('image+text', 'semantic', 'learned')},
             'movielens': {'UniMP': ('text', 'atomic', 'content'), 'UniMP IDs only': ('ids', 'atomic', 'learned')}}
+
+
+def chosen_variants(dataset: str, names: list[str] | None) -> dict[str, tuple[str, str, str]]:
+  """The `VARIANTS` of `dataset` that `--variants` names (all when None), UniMP always among them: the
+  paired intervals are against it."""
+  unknown = sorted(set(names or ()) - set(VARIANTS[dataset]))
+  if unknown:
+    raise config_lib.ConfigError(f'--variants: {unknown} are not variants of {dataset}: {list(VARIANTS[dataset])}')
+  return {k: v for k, v in VARIANTS[dataset].items() if names is None or k == 'UniMP' or k in names}
 
 
 def _slug(name: str) -> str:
@@ -82,10 +93,13 @@ def main(argv):
     base.data.path = movielens.prepare(_CACHE.value, os.path.join(_CACHE.value, 'ml-100k-unified'),
                                        seed=base.seed, image_size=base.model.vision.image_size)
     base.data.tasks.update(search=0.0, selection=0.0)
+  chosen = chosen_variants(name, _VARIANTS.value)
   results, runs, user_ranks = {}, {}, {}  # per-user recommendation ranks, in split_users order
-  for variant, (content, item_ids, item_rows) in VARIANTS[name].items():
+  for variant, (content, item_ids, item_rows) in chosen.items():
     cfg = copy.deepcopy(base)
     cfg.data.item_content, cfg.data.item_ids, cfg.model.item_embeddings = content, item_ids, item_rows
+    if item_ids == 'semantic':  # the next-item loss predicts one atomic id token
+      cfg.train.next_item_weight = 0.0
     trainer.say(f'==== {variant} ({content}, {item_ids} ids, {item_rows} item rows) ====')
     run = trainer.train(cfg, os.path.join(workdir, _slug(variant)))
     runs[variant] = run
@@ -145,8 +159,10 @@ def main(argv):
   intervals = {other: metrics.paired_bootstrap(user_ranks['UniMP'] < 10, r < 10, seed=base.seed)
                for other, r in user_ranks.items() if other != 'UniMP'}
   report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
-  text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed,
-                                   f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}', intervals)
+  command = f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}'
+  if _VARIANTS.value is not None:
+    command += f' --variants {",".join(_VARIANTS.value)}'
+  text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed, command, intervals)
   if jax.process_index() == 0:
     _write(os.path.join(workdir, 'BENCHMARK.md'), text)
     _write(os.path.join(workdir, 'results.json'),
@@ -155,4 +171,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  config_lib.run_main(main)

@@ -8,11 +8,13 @@ Sections: `model` (vision, connector, lm), `mesh` (axis sizes and the logical-ax
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import sys
 
 import ml_collections
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from unimp_jax import tasks
@@ -58,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.image_token_id = c.model.lm.get_ref('vocab_size')
   # 'content': an item token's embedding and head row are computed from the item's picture and text by
   # the model's own towers (unimp_jax.model.items), so items are ranked by what they are and new items
-  # can be ranked at all; 'learned': one free row per item (the paper's default). Atomic ids only.
+  # can be ranked at all; 'content+id': those rows plus a learned row per item, zero at the start
+  # (cold items, which no training example names, keep their content row); 'learned': one free row per
+  # item (the paper's default). Atomic ids only.
   c.model.item_embeddings = 'learned'
 
   # Local Hugging Face directories to start from (unimp_jax.hf.load): a CLIP vision tower and/or a
@@ -167,6 +171,23 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   _check(0 <= m.image_token_id < lm.vocab_size + lm.added_vocab_size, 'model.image_token_id',
          f'{m.image_token_id} is outside the vocabulary [0, {lm.vocab_size + lm.added_vocab_size})')
 
+  for key in ('data', 'fsdp', 'tensor'):
+    size = cfg.mesh[key]
+    _check(size == -1 or size >= 1, f'mesh.{key}', f'{size}: a mesh axis has >= 1 devices, or -1 for the rest')
+  positive = {'train.steps': cfg.train.steps, 'train.microbatches': cfg.train.microbatches,
+              'train.log_every': cfg.train.log_every, 'data.batch_size': cfg.data.batch_size,
+              'data.seq_len': cfg.data.seq_len, 'data.history': cfg.data.history,
+              'checkpoint.every': cfg.checkpoint.every, 'checkpoint.keep': cfg.checkpoint.keep}
+  for key, value in positive.items():
+    _check(value >= 1, key, f'{value}: must be >= 1')
+  _check(cfg.data.num_images >= 0, 'data.num_images', f'{cfg.data.num_images}: must be >= 0')
+  _check(math.isfinite(cfg.train.learning_rate) and cfg.train.learning_rate > 0, 'train.learning_rate',
+         f'{cfg.train.learning_rate}: must be a positive number')
+  _check(0 <= cfg.train.warmup_fraction < 1, 'train.warmup_fraction', f'{cfg.train.warmup_fraction}: must be in [0, 1)')
+  for key in ('weight_decay', 'focal_gamma', 'z_loss'):
+    value = cfg.train[key]
+    _check(math.isfinite(value) and value >= 0, f'train.{key}', f'{value}: must be a number >= 0')
+  _check(cfg.train.clip_norm > 0, 'train.clip_norm', f'{cfg.train.clip_norm}: must be > 0 (inf: no clipping)')
   try:
     shape = mesh_lib.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
   except ValueError as e:
@@ -191,7 +212,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   _check_choice(cfg, 'data.item_content', prompts.ITEM_CONTENTS)
   _check_choice(cfg, 'data.item_ids', ITEM_IDS)
   _check_choice(cfg, 'model.item_embeddings', items.ITEM_EMBEDDINGS)
-  if m.item_embeddings == 'content':
+  if m.item_embeddings != 'learned':
     _check(cfg.data.item_ids == 'atomic', 'model.item_embeddings',
            "'content' rows are rows of atomic item tokens; with data.item_ids='semantic' set it to 'learned'")
     _check(cfg.data.item_content != 'ids', 'model.item_embeddings',
@@ -232,6 +253,31 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   return shape
 
 
+def run_main(main) -> None:
+  """`absl.app.run(main)` for commands with `--config`: a mistyped or invalid key (at parse time, or a
+  ConfigError from `validate`) ends in one line on stderr and exit status 2, not a traceback."""
+  def fail(e: Exception):
+    message = str(e)
+    if isinstance(e, AttributeError):  # ml_collections: the repr of a KeyError, e.g. '\'stepz\'\nDid you mean...'
+      message = 'unknown key ' + message.encode().decode('unicode_escape')[1:-1]
+    print(f'error: {message}'.replace('\n', '; '), file=sys.stderr)
+    sys.exit(2)
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+      fail(e)
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except ConfigError as e:
+      fail(e)
+
+  app.run(guarded, flags_parser=parse)
+
+
 def load(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """Loads `path[:arg]` with `--config.KEY=VALUE` style overrides, exactly as the command line does."""
   argv = ['load', f'--config={path}', *(f'--config.{o}' for o in overrides)]
@@ -266,6 +312,7 @@ def num_params_analytic(model_cfg) -> dict[str, int]:
       + (2 * hd if lm.qk_norm else 0))
   embeddings = vocab * w * (1 if lm.tie_embeddings else 2)
   language = embeddings + decoder + cross + w
-  item_encoder = (w * w + w + d * w) if model_cfg.item_embeddings == 'content' else 0  # one shared bias
+  item_encoder = (w * w + w + d * w) if model_cfg.item_embeddings != 'learned' else 0  # one shared bias
+  item_encoder += lm.added_vocab_size * w if model_cfg.item_embeddings == 'content+id' else 0
   return dict(vision=vision, connector=connector, lm=language, cross_attention=cross, items=item_encoder,
               total=vision + connector + language + item_encoder)

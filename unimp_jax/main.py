@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from unimp_jax import tasks
+from unimp_jax import config as config_lib, tasks
 from unimp_jax.eval import evaluate, predictor as predictor_lib
 from unimp_jax.train import report, trainer
 
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  config_lib.run_main(main)

@@ -19,7 +19,7 @@ import jax.experimental.multihost_utils
 import numpy as np
 from absl import logging
 
-from unimp_jax import tasks
+from unimp_jax import config as config_lib, tasks
 from unimp_jax.data import captions, formats, prompts, semantic_ids, splits, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
@@ -102,12 +102,29 @@ def make_dataset(builder: prompts.TaskBuilder, data_cfg, *, seed: int, stage: st
   return ds
 
 
+GENERATED = 'data/generated'  # where the embedded datasets are built on first use (git-ignored)
+
+
+def _check_buildable(key: str, path: str) -> None:
+  generated = os.path.abspath(GENERATED)
+  if os.path.exists(os.path.join(path, 'manifest.json')) or \
+      os.path.commonpath([os.path.abspath(path), generated]) == generated:
+    return
+  raise config_lib.ConfigError(
+      f'config.{key}: no dataset at {path!r} (no manifest.json). The embedded datasets are built on first use '
+      f'only under {GENERATED}/; convert real data with python -m unimp_jax.data.convert')
+
+
 def open_dataset(cfg) -> formats.UnifiedDataset:
-  """The dataset at `data.path`. If nothing is there yet, the embedded one is built there first: the
-  default catalogue, or for stage 1 (`data.tasks.caption`) the embedded caption corpus on the base
-  vocabulary of the catalogue `eval.probe_data` (itself built first if missing), so that a stage-1
-  checkpoint starts stage 2 on the same tokens."""
+  """The dataset at `data.path`. If nothing is there yet and the path is under `data/generated/`, the
+  embedded one is built there first: the default catalogue, or for stage 1 (`data.tasks.caption`) the
+  embedded caption corpus on the base vocabulary of the catalogue `eval.probe_data` (itself built first
+  if missing), so that a stage-1 checkpoint starts stage 2 on the same tokens. Anywhere else a missing
+  dataset is an error: a mistyped path must not train on a freshly built synthetic dataset."""
   if not os.path.exists(os.path.join(cfg.data.path, 'manifest.json')):
+    _check_buildable('data.path', cfg.data.path)
+    if cfg.data.tasks.caption > 0:
+      _check_buildable('eval.probe_data', cfg.eval.probe_data)
     if jax.process_index() == 0:
       size = cfg.model.vision.image_size
       if cfg.data.tasks.caption > 0:

@@ -117,14 +117,17 @@ def _top_p_filter(logits_bv: jax.Array, top_p: float) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'temperature', 'top_p'))
-def sample(graphdef, params, tokens_bt, images, prompt_length_b, rng, *, max_new: int, pad_id: int, eos_id: int,
-           temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
+def sample(graphdef, params, tokens_bt, images, prompt_length_b, rng, allowed_bv=None, *, max_new: int, pad_id: int,
+           eos_id: int, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
   """New tokens [B, max_new]: greedy when temperature == 0, else sampled from softmax(logits /
-  temperature) restricted to the top-p nucleus. Padding after each row's end-of-sequence."""
+  temperature) restricted to the top-p nucleus; only the tokens `allowed_bv` (bool [B, V]) marks, when
+  given. Padding after each row's end-of-sequence."""
   model = nnx.merge(graphdef, params)
   logits, cache = _prefill(model, tokens_bt, images, prompt_length_b, pad_id, max_new)
 
   def choose(logits_bv, key):
+    if allowed_bv is not None:
+      logits_bv = jnp.where(allowed_bv, logits_bv, NEG_INF)
     if temperature == 0.0:
       return jnp.argmax(logits_bv, axis=-1)
     scaled = logits_bv / temperature

@@ -28,7 +28,7 @@ from flax import nnx
 
 from unimp_jax.model import layers, vision
 
-ITEM_EMBEDDINGS = ('learned', 'content')
+ITEM_EMBEDDINGS = ('learned', 'content', 'content+id')
 
 
 class ItemEncoder(nnx.Module):
@@ -37,16 +37,30 @@ class ItemEncoder(nnx.Module):
   The text projection's bias is a direction every item row shares. The pooled features are centred over
   the catalogue (`standardise`), so without it nothing would mark an item token as an item: attention
   could not gather the history's items in one step.
+
+  With `id_rows` (`model.item_embeddings = 'content+id'`) each row also adds a learned row of its own,
+  indexed like the added vocabulary and zero at the start: what the item's content does not say (its
+  popularity, what it is bought with) is learned from the examples that name it. An item no training
+  example names (a cold item: never in a history, and out of the training softmax) gets no gradient, so
+  its row stays its content.
   """
 
-  def __init__(self, lm_width: int, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, lm_width: int, vision_width: int, *, id_rows: int = 0, dtype, param_dtype,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.text_proj = layers.Dense(lm_width, lm_width, ('embed', 'mlp'), use_bias=True, **kw)
     self.image_proj = layers.Dense(vision_width, lm_width, ('embed', 'mlp'), **kw)
+    self.id_rows = (layers.param(rngs, jax.nn.initializers.zeros, (id_rows, lm_width), (None, 'embed'), param_dtype)
+                    if id_rows else None)
 
-  def __call__(self, text_nd: jax.Array, image_nd: jax.Array | None) -> jax.Array:
+  def __call__(self, text_nd: jax.Array, image_nd: jax.Array | None, first_row=0) -> jax.Array:
+    """Rows of N items whose tokens are added-vocabulary rows first_row .. first_row + N - 1."""
     rows = self.text_proj(text_nd)
-    return rows if image_nd is None else rows + self.image_proj(image_nd)
+    if image_nd is not None:
+      rows = rows + self.image_proj(image_nd)
+    if self.id_rows is not None:
+      rows = rows + jax.lax.dynamic_slice_in_dim(self.id_rows[...], first_row, rows.shape[0]).astype(rows.dtype)
+    return rows
 
 
 def standardise(x_nd: jax.Array) -> jax.Array:
@@ -72,7 +86,7 @@ def content_rows(model, arrays: dict[str, jax.Array], *, pad_id: int) -> jax.Arr
     # through every catalogue picture each step would cost more than the rest of the step.
     latents = jax.lax.stop_gradient(model.encode_images(vision.normalize(arrays['images'])[:, None]))
     image = standardise(latents.astype(jnp.float32).mean(1)) * arrays['has_image'][:, None]
-  return model.items(text, image).astype(jnp.float32)
+  return model.items(text, image, arrays['first_row']).astype(jnp.float32)
 
 
 def with_item_rows(graphdef, params: dict, catalogue: dict[str, jax.Array] | None, *, pad_id: int) -> dict:

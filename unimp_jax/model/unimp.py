@@ -58,8 +58,10 @@ class UniMP(nnx.Module):
     self.image_token_id, self.media_mask = int(cfg.image_token_id), cfg.lm.media_mask
     self.num_latents = cfg.connector.num_latents
     # Content rows for item tokens (unimp_jax.model.items); None: the item rows are learned.
-    self.items = (ItemEncoder(cfg.lm.width, cfg.vision.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                  if cfg.item_embeddings == 'content' else None)
+    id_rows = cfg.lm.added_vocab_size if cfg.item_embeddings == 'content+id' else 0
+    self.items = (ItemEncoder(cfg.lm.width, cfg.vision.width, id_rows=id_rows, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+                  if cfg.item_embeddings != 'learned' else None)
 
   def encode_images(self, images_bnhwc: jax.Array) -> jax.Array:
     """images [B, N, H, W, C] -> latents [B, N * num_latents, vision width]."""

@@ -1,8 +1,15 @@
 """Image selection: which of the candidate items shown after `Select from:` suit the user.
 
-The candidates are item chunks prefixed `Selection <slot_k>`; the answer is the positive slots' tokens.
+The candidates are item chunks prefixed `Selection <item id>`; the answer is the positives' ids, in the
+candidates' order. Answering with ids, not with the candidate's position, makes selection the same
+question as recommendation asked of a few items: the id's output row is the item itself (its content row,
+unimp_jax/model/items.py, or its learned row), so the model ranks a candidate by what it is. A position
+token carries nothing about its candidate: to answer with one, the model must find the liked candidate
+and copy the token written before it, a two-step circuit this model size did not learn (selection F1
+stayed at chance, docs/BENCHMARKS.md, "Selection answers with item ids").
 A user without selection questions gets one made from the target item and two random warm items.
-Scoring: the slot tokens generated greedily before end-of-sequence, as sets (precision, recall, F1).
+Scoring: greedy decoding restricted to the candidates' id tokens and end-of-sequence; the candidates
+whose ids were generated before end-of-sequence, as sets (precision, recall, F1).
 """
 
 from __future__ import annotations
@@ -21,20 +28,20 @@ class Selection(base.Task):
   history_answers_ids = True
 
   def answer_length(self, builder) -> int:
-    return builder.ids.num_slots
+    return builder.ids.num_slots * builder.item_tokens.shape[1]
 
   def history_answer(self, builder, inter):
     return base.item_answer(builder, inter)
 
   def tail(self, builder, user, target, inter, rng):
     selection = user.selections[target % len(user.selections)] if user.selections else made_up(builder, inter, rng)
-    slots = sorted(selection.candidates.index(p) for p in selection.positives)
     goal = np.full(4, -1, np.int32)
-    goal[2] = sum(1 << s for s in slots)
+    goal[2] = sum(1 << k for k, c in enumerate(selection.candidates) if c in selection.positives)
     word = builder.text(' Selection')
     chunks = [(builder.text(' Select from:'), None)]
-    chunks += [builder.chunk(c, prefix=[*word, builder.ids.slot(k)]) for k, c in enumerate(selection.candidates)]
-    return chunks, [builder.ids.slot(s) for s in slots], goal
+    chunks += [builder.chunk(c, prefix=[*word, *builder.item_tokens[c]]) for c in selection.candidates]
+    answer = [int(t) for c in selection.candidates if c in selection.positives for t in builder.item_tokens[c]]
+    return chunks, answer, goal
 
   def evaluate(self, ctx, batch):
     chosen = chosen_slots(ctx.graphdef, ctx.params, ctx.builder, batch.tokens, batch.images, batch.lengths)
@@ -70,15 +77,32 @@ def constant_answers(positives: np.ndarray, num_slots: int) -> dict[str, float]:
           'every slot F1': f1((1 << num_slots) - 1), 'first slot F1': f1(1)}
 
 
+def candidate_ids(builder, prompt: np.ndarray) -> np.ndarray:
+  """The id tokens [num_slots, id length] of a selection prompt's candidates, read back from the prompt:
+  the id written after each `Selection` word (item text never holds id tokens, so nothing else matches)."""
+  word, width = builder.text(' Selection'), builder.item_tokens.shape[1]
+  ids = {tuple(row) for row in builder.item_tokens.tolist()}
+  found = [prompt[p + len(word):p + len(word) + width] for p in range(len(prompt) - len(word) - width + 1)
+           if (prompt[p:p + len(word)] == word).all() and tuple(prompt[p + len(word):p + len(word) + width]) in ids]
+  if len(found) < builder.ids.num_slots:
+    raise ValueError(f'a selection prompt with {len(found)} candidates; {builder.ids.num_slots} expected')
+  return np.stack(found[-builder.ids.num_slots:])
+
+
 def chosen_slots(graphdef, params, builder, tokens, images, lengths) -> np.ndarray:
-  """Bitmasks [B] of the slot tokens generated greedily before end-of-sequence (others ignored)."""
-  ids = builder.ids
-  out = np.asarray(generate.sample(graphdef, params, tokens, images, lengths, jax.random.key(0),
-                                   max_new=ids.num_slots + 1, pad_id=builder.pad, eos_id=builder.eos))
-  slot_tokens = np.asarray([ids.slot(s) for s in range(ids.num_slots)])
-  before_end = np.cumsum(out == builder.eos, axis=1) == 0
-  hits = (out[:, :, None] == slot_tokens) & before_end[:, :, None]  # [B, new tokens, slots]
-  return (hits.any(1) * (1 << np.arange(ids.num_slots))).sum(1)
+  """Bitmasks [B] of the candidates whose ids are generated greedily before end-of-sequence, decoding
+  restricted to the candidates' id tokens and end-of-sequence (other ids, or a half-written one, ignored)."""
+  candidates = np.stack([candidate_ids(builder, row[:n]) for row, n in zip(np.asarray(tokens), np.asarray(lengths))])
+  b, slots, width = candidates.shape
+  allowed = np.zeros((b, builder.ids.base_vocab_size + builder.ids.added_vocab_size), bool)
+  allowed[np.arange(b)[:, None], candidates.reshape(b, -1)] = True
+  allowed[:, builder.eos] = True
+  out = np.asarray(generate.sample(graphdef, params, tokens, images, lengths, jax.random.key(0), allowed,
+                                   max_new=slots * width + 1, pad_id=builder.pad, eos_id=builder.eos))
+  out = np.where(np.cumsum(out == builder.eos, axis=1) == 0, out, builder.pad)[:, :slots * width]
+  written = out.reshape(b, slots, 1, width)  # [B, answers, 1, id length] against [B, 1, candidates, id length]
+  hits = (written == candidates[:, None]).all(-1).any(1)
+  return (hits * (1 << np.arange(slots))).sum(1)
 
 
 TASK = Selection()

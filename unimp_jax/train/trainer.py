@@ -58,6 +58,7 @@ def say(message: str) -> None:
 
 def train(cfg, workdir: str) -> Run:
   # ---- data: the vocabulary is fitted from the dataset and config alone, before the model exists -------
+  config_lib.validate(cfg, jax.device_count())  # the preset's own mistakes, before any dataset is built or read
   dataset = pipeline.open_dataset(cfg)
   pretrained_lib.fit_config(cfg, dataset)  # the architecture of pretrained parts, from their config.json
   pipeline.fit_model_to_dataset(cfg, dataset)
@@ -100,7 +101,7 @@ def train(cfg, workdir: str) -> Run:
   first = next(batches)
   # Content item rows (unimp_jax.model.items) are computed from every item's picture and text each step.
   catalogue = None
-  if cfg.model.item_embeddings == 'content':
+  if cfg.model.item_embeddings != 'learned':
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     catalogue = jax.device_put(builder.catalogue().arrays(), replicated)
   batch_spec = {k: v.ndim for k, v in step_lib.step_inputs(first).items()}
