@@ -1,0 +1,1 @@
+"""The image tokenizer (user-guided image generation): unimp_jax.vq.model, trained by unimp_jax.vq.train."""
