@@ -1,6 +1,8 @@
 """The image tokenizer (unimp_jax/vq): shapes and ranges, overfitting, dead-code restarts, exact resume,
 and its scores against numpy."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,7 +35,7 @@ def _config(path='', **train):
 
 def test_codes_are_in_range_and_pictures_come_back_in_shape(dataset):
   cfg = _config()
-  graphdef, params = nnx.split(model_lib.Tokenizer(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, params = model_lib.init(cfg.model, 0)
   codes, out = vq_train.reconstruct(graphdef, params, dataset.images(np.arange(5)))
   assert codes.shape == (5, 4, 4) and codes.dtype == np.int32
   assert codes.min() >= 0 and codes.max() < 16
@@ -44,8 +46,7 @@ def test_a_tiny_tokenizer_overfits_a_few_pictures(dataset):
   cfg = _config(learning_rate=3e-3, restart_every=25)
   cfg.model.update(channels=16, codebook_size=32)
   images = dataset.images(np.arange(4))
-  graphdef, params = nnx.split(model_lib.Tokenizer(cfg.model, rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(params)
+  graphdef, params = model_lib.init(cfg.model, 0)
   tx = optax.adam(cfg.train.learning_rate)
   state = {'params': params, 'opt_state': tx.init(params), 'usage': jnp.full(32, 1 / 32), 'step': jnp.int32(0)}
   step = jax.jit(vq_train.make_step(graphdef, tx, cfg))
@@ -59,8 +60,7 @@ def test_a_tiny_tokenizer_overfits_a_few_pictures(dataset):
 def test_dead_codes_move_onto_encoder_outputs_of_the_batch(dataset):
   cfg = _config(restart_every=1)
   images = dataset.images(np.arange(8))
-  graphdef, params = nnx.split(model_lib.Tokenizer(cfg.model, rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(params)
+  graphdef, params = model_lib.init(cfg.model, 0)
   tx = optax.sgd(0.0)  # no gradient step: only the restarts move the codebook
   usage = jnp.full(16, 1 / 16).at[:5].set(0.0)  # codes 0-4 unused for a long time
   state = {'params': params, 'opt_state': tx.init(params), 'usage': usage, 'step': jnp.int32(0)}
@@ -78,16 +78,16 @@ def test_dead_codes_move_onto_encoder_outputs_of_the_batch(dataset):
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(dataset, tmp_path):
-  stopped, whole = str(tmp_path / 'stopped'), str(tmp_path / 'whole')
-  vq_train.train(_config(dataset.path, steps=2), stopped)
-  _, resumed, *_ = vq_train.train(_config(dataset.path, steps=4), stopped)
-  _, straight, *_ = vq_train.train(_config(dataset.path, steps=4), whole)
+  """4 steps saved at 2 and 4; with step 4's checkpoint gone, the rerun resumes from 2 and ends equal."""
+  _, straight, *_ = vq_train.train(_config(dataset.path, steps=4), str(tmp_path))
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')
+  _, resumed, *_ = vq_train.train(_config(dataset.path, steps=4), str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
 
 
 def test_scores_match_numpy(dataset):
   cfg = _config()
-  graphdef, params = nnx.split(model_lib.Tokenizer(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, params = model_lib.init(cfg.model, 0)
   images = dataset.images(np.arange(6))
   got = vq_train.scores(graphdef, params, images, 16)
   codes, out = vq_train.reconstruct(graphdef, params, images)

@@ -104,8 +104,7 @@ def train(cfg, workdir: str):
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   by_row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  graphdef, params = nnx.split(model_lib.Tokenizer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-  params = nnx.to_pure_dict(params)
+  graphdef, params = model_lib.init(cfg.model, cfg.seed)
   tx = optax.adam(cfg.train.learning_rate)
   state = {'params': params, 'opt_state': tx.init(params),
            'usage': jnp.full(cfg.model.codebook_size, 1.0 / cfg.model.codebook_size), 'step': jnp.zeros((), jnp.int32)}
@@ -116,7 +115,7 @@ def train(cfg, workdir: str):
     state, start = checkpointer.restore(abstract)
   else:
     state, start = jax.device_put(state, replicated), 0
-  step_fn = jax.jit(make_step(graphdef, tx, cfg), donate_argnums=0)
+  step_fn = jax.jit(make_step(graphdef, tx, cfg), donate_argnums=0, out_shardings=replicated)
   writer = metrics_lib.MetricsWriter(workdir)
   key = jax.random.key(cfg.seed)
   try:
