@@ -102,6 +102,8 @@ def test_selection_decoding_writes_only_candidate_ids(setup):
   written as full forward passes over the growing sequence, on held-out selection prompts."""
   cfg, builder, graphdef, params, _ = setup
   model = nnx.merge(graphdef, params)
+  # One compiled full forward pass over a right-padded row (padding changes no earlier logit).
+  forward = jax.jit(lambda tokens, images: model(tokens, images, tokens != builder.pad))
   for u in splits.split_users(builder.dataset, cfg.data.split, 'test')[:3]:
     user = builder.dataset.user(int(u))
     ex = builder.build('selection', user, len(user.interactions) - 1, with_answer=False,
@@ -112,7 +114,9 @@ def test_selection_decoding_writes_only_candidate_ids(setup):
     candidates = list(selection.candidate_ids(builder, prompt)[:, 0])
     sequence, written = list(prompt), []
     for _ in range(len(candidates) + 1):
-      logits = np.asarray(model(np.asarray([sequence]), images)[0, -1])
+      row = np.full((1, builder.seq_len), builder.pad, np.int32)
+      row[0, :len(sequence)] = sequence
+      logits = np.asarray(forward(row, images)[0, len(sequence) - 1])
       allowed = candidates + [builder.eos]
       token = allowed[int(np.argmax(logits[allowed]))]
       if token == builder.eos:

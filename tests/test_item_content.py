@@ -79,8 +79,8 @@ def test_id_only_prompts_are_the_id_sequence(dataset):
   assert _contains(pref.tokens[:pref.prompt_length], [ids.item(user.interactions[target].item), ids.end_of_chunk])
   sel = ids_only.build('selection', user, target, with_answer=True, rng=np.random.default_rng(0))
   selection = user.selections[target % len(user.selections)]
-  for slot, candidate in enumerate(selection.candidates):
-    assert _contains(sel.tokens, [ids.slot(slot), ids.item(candidate), ids.end_of_chunk])
+  for candidate in selection.candidates:
+    assert _contains(sel.tokens, [*ids_only.text(' Selection'), ids.item(candidate), ids.end_of_chunk])
 
 
 def test_text_only_batches_carry_no_images_and_the_model_runs_without_them(dataset):

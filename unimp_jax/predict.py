@@ -11,13 +11,12 @@ a selection. From Python: unimp_jax.eval.predictor.Predictor.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 
 from unimp_jax.data import formats
-from unimp_jax.eval import gallery
+from unimp_jax.eval import gallery, predictor as predictor_lib
 from unimp_jax.eval.predictor import NewItem, Predictor, run_config
 from unimp_jax.train import checkpoint as checkpoint_lib
 
@@ -32,47 +31,6 @@ _SELECT = flags.DEFINE_list('select', [], 'Candidate item ids for image selectio
 _GALLERY = flags.DEFINE_string('gallery', '', 'Write a PNG (+ HTML) of the history and the recommendations.')
 
 
-class InputError(ValueError):
-  """A command-line input the model cannot answer for; the message names the flag."""
-
-
-def _item_id(flag: str, text: str, num_items: int) -> int:
-  try:
-    item = int(text)
-  except ValueError:
-    raise InputError(f'{flag} {text!r}: not an item id') from None
-  if not 0 <= item < num_items:
-    raise InputError(f'{flag} {item}: not an item id of this catalogue (0 to {num_items - 1})')
-  return item
-
-
-def _new_item(spec: str) -> NewItem:
-  parts = spec.split('|')
-  if len(parts) < 2 or len(parts) > 5:
-    raise InputError(f"--new_item {spec!r}: expected 'image|title|category|brand|price'")
-  parts += [''] * (5 - len(parts))
-  if parts[0] and not os.path.isfile(parts[0]):
-    raise InputError(f'--new_item {spec!r}: no picture at {parts[0]!r}')
-  try:
-    price = float(parts[4]) if parts[4] else None
-  except ValueError:
-    raise InputError(f'--new_item {spec!r}: price {parts[4]!r} is not a number') from None
-  return NewItem(parts[0], parts[1], parts[2], parts[3], price)
-
-
-def checked_inputs(num_items: int, num_slots: int) -> dict:
-  """Every flag checked against the catalogue before the model is loaded (that takes seconds to minutes)."""
-  history = [_item_id('--history', h, num_items) for h in _HISTORY.value] + [_new_item(s) for s in _NEW_ITEM.value]
-  unseen = num_items - len({h for h in history if isinstance(h, int)})
-  if not 1 <= _TOP_K.value <= unseen:
-    raise InputError(f'--top_k {_TOP_K.value}: must be between 1 and {unseen}, the catalogue items not in the history')
-  rate = None if _RATE.value is None else _item_id('--rate', str(_RATE.value), num_items)
-  select = [_item_id('--select', c, num_items) for c in _SELECT.value]
-  if select and len(select) != num_slots:
-    raise InputError(f'--select: {len(select)} candidates; selection takes exactly {num_slots}')
-  return {'history': history, 'rate': rate, 'select': select}
-
-
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every restore, and warns that a read is read-only
@@ -80,8 +38,10 @@ def main(argv):
   try:
     cfg = run_config(_WORKDIR.value)
     dataset = formats.UnifiedDataset(cfg.data.path)
-    inputs = checked_inputs(len(dataset.items), dataset.tokenizer().unimp_layout['num_slots'])
-  except (InputError, checkpoint_lib.CheckpointError, formats.DatasetError) as e:
+    inputs = predictor_lib.check_request(
+        len(dataset.items), dataset.tokenizer().unimp_layout['num_slots'], history=_HISTORY.value,
+        new_items=_NEW_ITEM.value, top_k=_TOP_K.value, rate=_RATE.value, select=_SELECT.value)
+  except (predictor_lib.InputError, checkpoint_lib.CheckpointError, formats.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   history = inputs['history']

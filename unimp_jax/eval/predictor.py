@@ -81,6 +81,50 @@ def _merged(cfg, saved: dict, prefix: str = ''):
   return cfg
 
 
+class InputError(ValueError):
+  """A request the model cannot answer for; the message names the command-line flag."""
+
+
+def _item_id(flag: str, text, num_items: int) -> int:
+  try:
+    item = int(text)
+  except ValueError:
+    raise InputError(f'{flag} {text!r}: not an item id') from None
+  if not 0 <= item < num_items:
+    raise InputError(f'{flag} {item}: not an item id of this catalogue (0 to {num_items - 1})')
+  return item
+
+
+def new_item(spec: str) -> NewItem:
+  """A `--new_item 'image|title|category|brand|price'` (image and the last three may be empty)."""
+  parts = spec.split('|')
+  if not 2 <= len(parts) <= 5:
+    raise InputError(f"--new_item {spec!r}: expected 'image|title|category|brand|price'")
+  parts += [''] * (5 - len(parts))
+  if parts[0] and not os.path.isfile(parts[0]):
+    raise InputError(f'--new_item {spec!r}: no picture at {parts[0]!r}')
+  try:
+    price = float(parts[4]) if parts[4] else None
+  except ValueError:
+    raise InputError(f'--new_item {spec!r}: price {parts[4]!r} is not a number') from None
+  return NewItem(parts[0], parts[1], parts[2], parts[3], price)
+
+
+def check_request(num_items: int, num_slots: int, *, history=(), new_items=(), top_k: int = 10, rate=None,
+                  select=()) -> dict:
+  """A prediction request (strings as the command line gives them) checked against the catalogue, before
+  any model is loaded: {'history': ids then NewItems, 'rate': id or None, 'select': ids}."""
+  history = [_item_id('--history', h, num_items) for h in history] + [new_item(s) for s in new_items]
+  unseen = num_items - len({h for h in history if isinstance(h, int)})
+  if not 1 <= top_k <= unseen:
+    raise InputError(f'--top_k {top_k}: must be between 1 and {unseen}, the catalogue items not in the history')
+  rate = None if rate is None else _item_id('--rate', rate, num_items)
+  select = [_item_id('--select', c, num_items) for c in select]
+  if select and len(select) != num_slots:
+    raise InputError(f'--select: {len(select)} candidates; selection takes exactly {num_slots}')
+  return {'history': history, 'rate': rate, 'select': select}
+
+
 def run_config(workdir: str, step: int | None = None):
   """The config a run directory's newest (or `step`) checkpoint was saved with, over today's defaults."""
   return _merged(config_lib.base_config(), checkpoint_lib.read_config(os.path.join(workdir, 'checkpoints'), step))

@@ -39,7 +39,8 @@ class Selection(base.Task):
     goal[2] = sum(1 << k for k, c in enumerate(selection.candidates) if c in selection.positives)
     word = builder.text(' Selection')
     chunks = [(builder.text(' Select from:'), None)]
-    chunks += [builder.chunk(c, prefix=[*word, *builder.item_tokens[c]]) for c in selection.candidates]
+    chunks += [builder.chunk(c, prefix=[*word, *builder.item_tokens[c]], show_item=builder.item_content != 'ids')
+               for c in selection.candidates]  # with `ids` content the id is the whole chunk: written once
     answer = [int(t) for c in selection.candidates if c in selection.positives for t in builder.item_tokens[c]]
     return chunks, answer, goal
 

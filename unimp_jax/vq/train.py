@@ -181,19 +181,17 @@ def write_report(workdir: str, graphdef, params, images, train_ids, held_out, cf
   return text
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/vq.py', 'Preset file[:arg].', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and the report go.', required=True)
-
-
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, images, train_ids, held_out = train(cfg, workdir)
   print(write_report(workdir, graphdef, params, images, train_ids, held_out, cfg))
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # flags defined here only: importing this module must not clash with other commands'
+  config_flags.DEFINE_config_file('config', 'configs/vq.py', 'Preset file[:arg].', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and the report go.', required=True)
   config_lib.run_main(main)
