@@ -33,6 +33,7 @@ from unimp_jax.baselines import attributes
 from unimp_jax.baselines import ratings as rating_baselines
 from unimp_jax.data import movielens, splits
 from unimp_jax.eval import evaluate, metrics, ranking
+from unimp_jax.tasks import selection
 from unimp_jax.train import report, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/benchmark.py', 'Preset file[:arg].', lock_config=True)
@@ -107,6 +108,10 @@ def main(argv):
                                   batch_size=cfg.data.batch_size,
                                   tasks_to_run=[t for t in tasks.EVALUATED if cfg.data.tasks[t] > 0])
     results[variant] = evaluate.summaries(rows, run.builder)
+    if variant == 'UniMP' and 'selection' in rows:  # user-blind answers to the same questions: the chance level
+      positives = rows['selection']['positives']
+      for name, f1 in selection.constant_answers(positives, run.builder.ids.num_slots).items():
+        results[f'selection: {name.removesuffix(" F1")}'] = {'selection': {'users': len(positives), 'F1': f1}}
     users = splits.split_users(run.builder.dataset, cfg.data.split, 'test')
     if not np.array_equal(rows['recommendation']['user'], users):  # the baselines' order
       raise RuntimeError(f'{variant}: evaluated users differ from the stage users; intervals would not be paired')
