@@ -36,13 +36,6 @@ from unimp_jax.eval import evaluate, metrics, ranking
 from unimp_jax.tasks import selection
 from unimp_jax.train import report, trainer
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/benchmark.py', 'Preset file[:arg].', lock_config=True)
-_DATASET = flags.DEFINE_enum('dataset', 'fashion', ['fashion', 'movielens'], 'Which benchmark.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, the report and plots go.', required=True)
-_CACHE = flags.DEFINE_string('cache', os.path.expanduser('~/.cache/unimp_jax'), 'Download cache (MovieLens).')
-_VARIANTS = flags.DEFINE_list('variants', None, 'UniMP variants to train (default: all of the dataset\'s; '
-                              'UniMP itself always runs: the intervals are against it).')
-
 # name -> (config.data.item_content, config.data.item_ids, config.model.item_embeddings). UniMP and its
 # text-only twin embed item tokens by the items' content (unimp_jax/model/items.py), so both can rank
 # cold items and differ only in the pictures; "IDs only" is pure collaborative filtering (learned rows);
@@ -88,13 +81,14 @@ def _write(path: str, text: str) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  base, workdir, name = _CONFIG.value, _WORKDIR.value, _DATASET.value
+  f = flags.FLAGS
+  base, workdir, name, cache, variants = f.config, f.workdir, f.dataset, f.cache, f.variants
   os.makedirs(workdir, exist_ok=True)
   if name == 'movielens':
-    base.data.path = movielens.prepare(_CACHE.value, os.path.join(_CACHE.value, 'ml-100k-unified'),
+    base.data.path = movielens.prepare(cache, os.path.join(cache, 'ml-100k-unified'),
                                        seed=base.seed, image_size=base.model.vision.image_size)
     base.data.tasks.update(search=0.0, selection=0.0)
-  chosen = chosen_variants(name, _VARIANTS.value)
+  chosen = chosen_variants(name, variants)
   results, runs, user_ranks = {}, {}, {}  # per-user recommendation ranks, in split_users order
   for variant, (content, item_ids, item_rows) in chosen.items():
     cfg = copy.deepcopy(base)
@@ -165,8 +159,8 @@ def main(argv):
                for other, r in user_ranks.items() if other != 'UniMP'}
   report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
   command = f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}'
-  if _VARIANTS.value is not None:
-    command += f' --variants {",".join(_VARIANTS.value)}'
+  if variants is not None:
+    command += f' --variants {",".join(variants)}'
   text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed, command, intervals)
   if jax.process_index() == 0:
     _write(os.path.join(workdir, 'BENCHMARK.md'), text)
@@ -175,5 +169,11 @@ def main(argv):
     print(text)
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # flags defined here only: importing this module must not clash with other commands'
+  config_flags.DEFINE_config_file('config', 'configs/benchmark.py', 'Preset file[:arg].', lock_config=True)
+  flags.DEFINE_enum('dataset', 'fashion', ['fashion', 'movielens'], 'Which benchmark.')
+  flags.DEFINE_string('workdir', None, 'Where runs, the report and plots go.', required=True)
+  flags.DEFINE_string('cache', os.path.expanduser('~/.cache/unimp_jax'), 'Download cache (MovieLens).')
+  flags.DEFINE_list('variants', None, 'UniMP variants to train (default: all of the dataset\'s; '
+                    'UniMP itself always runs: the intervals are against it).')
   config_lib.run_main(main)
