@@ -78,11 +78,12 @@ def constant_answers(positives: np.ndarray, num_slots: int) -> dict[str, float]:
           'every slot F1': f1((1 << num_slots) - 1), 'first slot F1': f1(1)}
 
 
-def candidate_ids(builder, prompt: np.ndarray) -> np.ndarray:
+def candidate_ids(builder, prompt: np.ndarray, ids: set[tuple] | None = None) -> np.ndarray:
   """The id tokens [num_slots, id length] of a selection prompt's candidates, read back from the prompt:
-  the id written after each `Selection` word (item text never holds id tokens, so nothing else matches)."""
+  the id written after each `Selection` word (item text never holds id tokens, so nothing else matches).
+  `ids`: the catalogue's id token tuples, when the caller reads many prompts."""
   word, width = builder.text(' Selection'), builder.item_tokens.shape[1]
-  ids = {tuple(row) for row in builder.item_tokens.tolist()}
+  ids = {tuple(row) for row in builder.item_tokens.tolist()} if ids is None else ids
   found = [prompt[p + len(word):p + len(word) + width] for p in range(len(prompt) - len(word) - width + 1)
            if (prompt[p:p + len(word)] == word).all() and tuple(prompt[p + len(word):p + len(word) + width]) in ids]
   if len(found) < builder.ids.num_slots:
@@ -93,7 +94,9 @@ def candidate_ids(builder, prompt: np.ndarray) -> np.ndarray:
 def chosen_slots(graphdef, params, builder, tokens, images, lengths) -> np.ndarray:
   """Bitmasks [B] of the candidates whose ids are generated greedily before end-of-sequence, decoding
   restricted to the candidates' id tokens and end-of-sequence (other ids, or a half-written one, ignored)."""
-  candidates = np.stack([candidate_ids(builder, row[:n]) for row, n in zip(np.asarray(tokens), np.asarray(lengths))])
+  ids = {tuple(row) for row in builder.item_tokens.tolist()}  # once per batch, not per prompt
+  candidates = np.stack([candidate_ids(builder, row[:n], ids)
+                         for row, n in zip(np.asarray(tokens), np.asarray(lengths))])
   b, slots, width = candidates.shape
   allowed = np.zeros((b, builder.ids.base_vocab_size + builder.ids.added_vocab_size), bool)
   allowed[np.arange(b)[:, None], candidates.reshape(b, -1)] = True
