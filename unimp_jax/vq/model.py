@@ -122,8 +122,8 @@ class Tokenizer(nnx.Module):
 
 def init(cfg, seed: int):
   """(graphdef, parameters as a pure dict) of a fresh tokenizer, initialised in one compiled call with
-  the RBG generator: built eagerly every initialiser compiles on its own, and threefry's bits for every
-  kernel took XLA 25 s to compile on 2 CPU cores, RBG's 4 s."""
+  the RBG generator: built eagerly, every initialiser compiles on its own, and threefry's bits for every
+  kernel made that one call far slower to compile than RBG's (a throw-away timing on 2 CPU cores)."""
   make = lambda: Tokenizer(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl='rbg')))
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   return graphdef, jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())))()
