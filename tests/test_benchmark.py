@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -46,3 +47,12 @@ def test_variants_are_chosen_by_name_and_unimp_always_runs():
   assert list(benchmark.chosen_variants('fashion', ['UniMP text only'])) == ['UniMP', 'UniMP text only']
   with pytest.raises(config_lib.ConfigError, match="--variants: \\['UniMP text'\\]"):
     benchmark.chosen_variants('fashion', ['UniMP text'])
+
+
+def test_selection_chance_rows_are_the_user_blind_answers_f1():
+  # Positives as slot bitmasks over 3 slots: answering "every slot" scores precision 1/3 or 2/3, recall 1.
+  positives = np.array([0b001, 0b011])
+  rows = benchmark.selection_chance_rows(positives, 3)
+  assert list(rows) == ['selection: random slot set F1 (chance)', 'selection: every slot', 'selection: first slot']
+  assert rows['selection: every slot'] == {'selection': {'users': 2, 'F1': pytest.approx((0.5 + 0.8) / 2)}}
+  assert rows['selection: first slot']['selection']['F1'] == pytest.approx((1 + 2 / 3) / 2)

@@ -56,6 +56,12 @@ def chosen_variants(dataset: str, names: list[str] | None) -> dict[str, tuple[st
   return {k: v for k, v in VARIANTS[dataset].items() if names is None or k == 'UniMP' or k in names}
 
 
+def selection_chance_rows(positives: np.ndarray, num_slots: int) -> dict[str, dict]:
+  """Result rows of the user-blind answers to the same selection questions: the chance level."""
+  return {f'selection: {answer.removesuffix(" F1")}': {'selection': {'users': len(positives), 'F1': f1}}
+          for answer, f1 in selection.constant_answers(positives, num_slots).items()}
+
+
 def _slug(name: str) -> str:
   return name.lower().replace(' ', '-')
 
@@ -102,10 +108,8 @@ def main(argv):
                                   batch_size=cfg.data.batch_size,
                                   tasks_to_run=[t for t in tasks.EVALUATED if cfg.data.tasks[t] > 0])
     results[variant] = evaluate.summaries(rows, run.builder)
-    if variant == 'UniMP' and 'selection' in rows:  # user-blind answers to the same questions: the chance level
-      positives = rows['selection']['positives']
-      for name, f1 in selection.constant_answers(positives, run.builder.ids.num_slots).items():
-        results[f'selection: {name.removesuffix(" F1")}'] = {'selection': {'users': len(positives), 'F1': f1}}
+    if variant == 'UniMP' and 'selection' in rows:
+      results.update(selection_chance_rows(rows['selection']['positives'], run.builder.ids.num_slots))
     users = splits.split_users(run.builder.dataset, cfg.data.split, 'test')
     if not np.array_equal(rows['recommendation']['user'], users):  # the baselines' order
       raise RuntimeError(f'{variant}: evaluated users differ from the stage users; intervals would not be paired')

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_collisions=16,    # tokens of the collision level: most items that may share all k-means codes
       embeddings='',        # .npy / .safetensors [num_items, D]; '' = our own towers' item embeddings
       seed=0, init='k-means++', iterations=50))
+  # The catalogue pictures' image codes (WORKDIR/image_codes.safetensors of `python -m unimp_jax.vq.train`):
+  # the generation task answers with them as `img_k` tokens. '' = none; the generation task needs them.
+  c.data.image_codes = ''
   # Task mixture (relative proportions) and per-example loss weights (paper: recommendation 2.0); the
   # tasks are unimp_jax.tasks.TASKS. `caption` is stage 1 and trains alone, on an image–caption corpus.
   c.data.tasks = ml_collections.ConfigDict(dict(
@@ -181,6 +184,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   for key, value in positive.items():
     _check(value >= 1, key, f'{value}: must be >= 1')
   _check(cfg.data.num_images >= 0, 'data.num_images', f'{cfg.data.num_images}: must be >= 0')
+  _check(cfg.data.tasks.generation == 0 or cfg.data.image_codes, 'data.image_codes',
+         'the generation task answers with image codes: name the image_codes.safetensors that '
+         '`python -m unimp_jax.vq.train` writes')
   _check(math.isfinite(cfg.train.learning_rate) and cfg.train.learning_rate > 0, 'train.learning_rate',
          f'{cfg.train.learning_rate}: must be a positive number')
   _check(0 <= cfg.train.warmup_fraction < 1, 'train.warmup_fraction', f'{cfg.train.warmup_fraction}: must be in [0, 1)')

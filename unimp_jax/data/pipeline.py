@@ -24,6 +24,7 @@ from unimp_jax.data import captions, formats, prompts, semantic_ids, splits, syn
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.vq import codes as vq_codes
 
 def gather_images(dataset: formats.UnifiedDataset, image_items: np.ndarray) -> np.ndarray:
   """uint8 [slots, H, W, 3]: the pictures of the slots' items, zeros for empty slots (-1)."""
@@ -141,9 +142,17 @@ def open_dataset(cfg) -> formats.UnifiedDataset:
   return formats.UnifiedDataset(cfg.data.path)
 
 
+def image_codes(cfg, dataset: formats.UnifiedDataset) -> vq_codes.ImageCodes | None:
+  """The catalogue's image codes `data.image_codes` names (checked against the dataset), or None."""
+  return vq_codes.load(cfg.data.image_codes, dataset) if cfg.data.image_codes else None
+
+
 def token_ids(cfg, dataset: formats.UnifiedDataset) -> TokenIds:
-  """The run's token layout: the dataset tokenizer's, plus the semantic id tokens `data.semantic` fixes."""
+  """The run's token layout: the dataset tokenizer's, plus the image-code tokens of `data.image_codes` and
+  the semantic id tokens `data.semantic` fixes."""
   layout = dataset.tokenizer().unimp_layout
+  if cfg.data.image_codes:
+    layout = dict(layout, num_image_codes=image_codes(cfg, dataset).codebook_size)
   if cfg.data.item_ids == 'semantic':
     layout = dict(layout, semantic_codebooks=list(semantic_ids.codebook_sizes(cfg.data.semantic)))
   return TokenIds(layout)
@@ -173,12 +182,15 @@ def make_builder(cfg, dataset: formats.UnifiedDataset, workdir: str | None = Non
   model `params`/`graphdef` the run starts from) and saved there; see unimp_jax.data.semantic_ids.
   """
   fit_model_to_dataset(cfg, dataset)
-  tokenizer, codes = dataset.tokenizer(), None
+  tokenizer, codes, pictures = dataset.tokenizer(), None, image_codes(cfg, dataset)
+  if pictures is not None:  # before any semantic id tokens: the layout puts img_k right after the items
+    tokenizer = tokenizer_lib.with_image_code_tokens(tokenizer, pictures.codebook_size)
   if cfg.data.item_ids == 'semantic':
     tokenizer = tokenizer_lib.with_semantic_tokens(tokenizer, semantic_ids.codebook_sizes(cfg.data.semantic))
     codes = semantic_ids.for_run(cfg, dataset, tokenizer, workdir, params, graphdef).codes
   return prompts.TaskBuilder(dataset, tokenizer, seq_len=cfg.data.seq_len, num_images=cfg.data.num_images,
-                             history=cfg.data.history, item_codes=codes, item_content=cfg.data.item_content)
+                             history=cfg.data.history, item_codes=codes, item_content=cfg.data.item_content,
+                             image_codes=None if pictures is None else pictures.codes)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:

@@ -87,18 +87,35 @@ def semantic_tokens(codebook_sizes) -> list[str]:
   return [f'sid_{level}_{code}' for level, size in enumerate(codebook_sizes) for code in range(size)]
 
 
+def _append(tokenizer: PreTrainedTokenizerFast, names: list[str], what: str, **layout) -> PreTrainedTokenizerFast:
+  """Adds `names` after the existing added tokens (in place) and updates the layout with `layout`."""
+  end = len(tokenizer)
+  expected_end = TokenIds(tokenizer.unimp_layout).added_range[1]
+  tokenizer.add_tokens(names, special_tokens=False)
+  if end != expected_end or tokenizer.convert_tokens_to_ids(names[0]) != end or len(tokenizer) != end + len(names):
+    raise ValueError(f'{what} tokens did not land after the added tokens ({expected_end}): some already exist')
+  tokenizer.unimp_layout = dict(tokenizer.unimp_layout, **layout)
+  return tokenizer
+
+
+def with_image_code_tokens(tokenizer: PreTrainedTokenizerFast, codebook_size: int) -> PreTrainedTokenizerFast:
+  """Adds `img_0..img_{K-1}` after the item tokens (in place). They come before any semantic id tokens, so
+  add these first; datasets are stored without them, since the codes come from a separately trained image
+  tokenizer (unimp_jax.vq.codes)."""
+  layout = tokenizer.unimp_layout
+  if layout['num_image_codes'] or layout.get('semantic_codebooks'):
+    raise ValueError('image-code tokens go right after the item tokens: the tokenizer already has image-code '
+                     'or semantic id tokens')
+  return _append(tokenizer, [f'img_{c}' for c in range(codebook_size)], 'image-code',
+                 num_image_codes=int(codebook_size))
+
+
 def with_semantic_tokens(tokenizer: PreTrainedTokenizerFast, codebook_sizes) -> PreTrainedTokenizerFast:
   """Adds `sid_{level}_{code}` for every level's codebook after the existing added tokens (in place)."""
   if tokenizer.unimp_layout.get('semantic_codebooks'):
     raise ValueError('the tokenizer already has semantic item-id tokens')
-  end = len(tokenizer)
-  expected_end = TokenIds(tokenizer.unimp_layout).added_range[1]
-  names = semantic_tokens(codebook_sizes)
-  tokenizer.add_tokens(names, special_tokens=False)
-  if end != expected_end or tokenizer.convert_tokens_to_ids(names[0]) != end or len(tokenizer) != end + len(names):
-    raise ValueError(f'semantic id tokens did not land after the added tokens ({expected_end}): some already exist')
-  tokenizer.unimp_layout = dict(tokenizer.unimp_layout, semantic_codebooks=[int(k) for k in codebook_sizes])
-  return tokenizer
+  return _append(tokenizer, semantic_tokens(codebook_sizes), 'semantic id',
+                 semantic_codebooks=[int(k) for k in codebook_sizes])
 
 
 def save(tokenizer: PreTrainedTokenizerFast, path: str) -> None:

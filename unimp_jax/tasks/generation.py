@@ -1,9 +1,8 @@
 """User-guided image generation: the picture a query asks for, as image-code tokens `img_k`.
 
-The prompts are built (history chunks answer with their pictures' codes, the final answer is the
-target's codes) when the dataset carries image codes (`TaskBuilder(image_codes=...)`). No dataset or
-converter writes codes yet, so the task is never available and never scored: it is the prompt format
-the image tokenizer will plug into.
+History chunks answer with their pictures' codes and the final answer is the target's codes, from the
+file `data.image_codes` names (unimp_jax.vq.codes, written by `python -m unimp_jax.vq.train`). The task
+trains in the mixture; it is not scored yet (constrained decoding and the picture scores come next).
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ class Generation(base.Task):
   evaluated = False
 
   def available(self, builder, user):
-    del user
-    return builder.image_codes is not None
+    """Every item the user bought has a picture (so has codes), as preference needs every rating."""
+    return builder.image_codes is not None and all(builder.image_codes[i.item, 0] >= 0 for i in user.interactions)
 
   def answer_length(self, builder) -> int:
     return 0 if builder.image_codes is None else builder.image_codes.shape[1]
@@ -35,10 +34,10 @@ class Generation(base.Task):
     return [], list(builder.ids.image_code(builder.image_codes[inter.item])), goal
 
   def evaluate(self, ctx, batch):
-    raise ValueError('generation is not scored yet: no image codes, no decoder to turn codes into pictures')
+    raise ValueError('generation is not scored yet: constrained decoding to pictures comes next')
 
   def summarise(self, rows, builder):
-    raise ValueError('generation is not scored yet: no image codes, no decoder to turn codes into pictures')
+    raise ValueError('generation is not scored yet: constrained decoding to pictures comes next')
 
 
 TASK = Generation()

@@ -9,6 +9,7 @@ checkpoint (WORKDIR/checkpoints, the same Orbax checkpointer as the main job); m
 metrics.jsonl and TensorBoard as the main job's do. The report (WORKDIR/report.md, printed) gives
 reconstruction PSNR and SSIM (dm-pix) on the held-out pictures, codebook perplexity and the share of
 codes used, and WORKDIR/reconstructions.png shows held-out pictures above their reconstructions.
+WORKDIR/image_codes.safetensors holds every item's codes for `data.image_codes` (unimp_jax.vq.codes).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from unimp_jax import config as config_lib
 from unimp_jax.data import formats
 from unimp_jax.train import checkpoint as checkpoint_lib
 from unimp_jax.train import metrics as metrics_lib
-from unimp_jax.vq import model as model_lib
+from unimp_jax.vq import codes as codes_lib, model as model_lib
 
 
 def validate(cfg, image_size: int, num_devices: int) -> None:
@@ -188,6 +189,9 @@ def main(argv):
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, images, train_ids, held_out = train(cfg, workdir)
+  if jax.process_index() == 0:
+    codes_lib.write(os.path.join(workdir, codes_lib.FILE), reconstruct(graphdef, params, images)[0],
+                    formats.UnifiedDataset(cfg.data.path), cfg.model.codebook_size)
   print(write_report(workdir, graphdef, params, images, train_ids, held_out, cfg))
 
 

@@ -1,0 +1,142 @@
+"""Image codes in the data (unimp_jax.vq.codes): the file ties codes to one dataset's pictures, the
+`img_k` tokens land where the layout says, and generation examples answer with the target's codes."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from unimp_jax import config as config_lib
+from unimp_jax.data import formats, pipeline, synthetic
+from unimp_jax.data import tokenizer as tokenizer_lib
+from unimp_jax.data.tokenizer import TokenIds
+from unimp_jax.vq import codes as codes_lib
+from unimp_jax.vq import model as vq_model
+from unimp_jax.vq import train as vq_train
+
+CODEBOOK = 16
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('data') / 'fashion')
+  synthetic.build(path, num_items=40, num_users=12, seed=3, image_size=16, bpe_vocab=300)
+  return formats.UnifiedDataset(path)
+
+
+@pytest.fixture(scope='module')
+def codes_file(dataset, tmp_path_factory):
+  """Codes from an (untrained) image tokenizer, as `python -m unimp_jax.vq.train` writes them."""
+  cfg = config_lib.load('configs/vq.py')
+  cfg.model.update(channels=8, downsample=4, codebook_size=CODEBOOK, code_dim=8)
+  graphdef, params = vq_model.init(cfg.model, 0)
+  codes, _ = vq_train.reconstruct(graphdef, params, dataset.images(np.arange(len(dataset.items))))
+  path = str(tmp_path_factory.mktemp('vq') / codes_lib.FILE)
+  codes_lib.write(path, codes, dataset, CODEBOOK)
+  return path, codes.reshape(len(codes), -1)
+
+
+def _config(dataset, codes_path='', generation=0.0):
+  cfg = config_lib.base_config()
+  cfg.data.path, cfg.data.image_codes = dataset.path, codes_path
+  cfg.model.vision.image_size = dataset.image_size
+  cfg.data.tasks.generation = generation
+  cfg.data.seq_len = 256
+  return cfg
+
+
+def test_codes_round_trip_and_items_without_a_picture_have_none(dataset, codes_file, tmp_path):
+  path, expected = codes_file
+  loaded = codes_lib.load(path, dataset)
+  np.testing.assert_array_equal(loaded.codes, expected)
+  assert loaded.codebook_size == CODEBOOK and loaded.grid == (4, 4) and loaded.length == 16
+  # An item without a picture gets -1 codes, whatever the tokenizer made of its empty slot.
+  partial = formats.UnifiedDataset(dataset.path)
+  partial.items[5] = dataclasses.replace(partial.items[5], has_image=False)
+  other = str(tmp_path / 'partial.safetensors')
+  codes_lib.write(other, expected.reshape(-1, 4, 4), partial, CODEBOOK)
+  codes = codes_lib.load(other, partial).codes
+  assert (codes[5] == -1).all() and (np.delete(codes, 5, 0) == np.delete(expected, 5, 0)).all()
+  with pytest.raises(ValueError, match='codes for items without a picture'):
+    codes_lib.load(path, partial)  # the first file has codes for item 5
+
+
+def test_codes_made_from_other_pictures_are_refused(dataset, codes_file, tmp_path):
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(dataset.path, copy)
+  manifest_path = os.path.join(copy, 'manifest.json')
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  manifest['checksums']['images/c/0/0/0/0'] = '0' * 64  # another picture 0
+  with open(manifest_path, 'w') as f:
+    json.dump(manifest, f)
+  with pytest.raises(ValueError, match=r'config\.data\.image_codes: .* other pictures'):
+    codes_lib.load(codes_file[0], formats.UnifiedDataset(copy))
+
+
+def test_bad_codes_files_name_the_file_and_the_key(dataset, tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'config\.data\.image_codes: .*missing'):
+    codes_lib.load(str(tmp_path / 'missing'), dataset)
+  plain = str(tmp_path / 'plain.safetensors')
+  safetensors.numpy.save_file({'codes': np.zeros((40, 16), np.int32)}, plain)
+  with pytest.raises(ValueError, match='not an image-codes file'):
+    codes_lib.load(plain, dataset)
+  out_of_range = str(tmp_path / 'range.safetensors')
+  codes_lib.write(out_of_range, np.full((40, 4, 4), CODEBOOK, np.int32), dataset, CODEBOOK)
+  with pytest.raises(ValueError, match=f'outside the codebook \\[0, {CODEBOOK}\\)'):
+    codes_lib.load(out_of_range, dataset)
+
+
+def test_image_code_tokens_come_after_the_items_and_before_semantic_ids(dataset):
+  tokenizer = tokenizer_lib.with_image_code_tokens(dataset.tokenizer(), CODEBOOK)
+  tokenizer = tokenizer_lib.with_semantic_tokens(tokenizer, (4, 3))
+  ids = TokenIds(tokenizer.unimp_layout)
+  assert tokenizer.convert_ids_to_tokens([ids.item(len(dataset.items) - 1), ids.image_code(0),
+                                          ids.image_code(CODEBOOK - 1)]) == [f'item_{len(dataset.items) - 1}',
+                                                                             'img_0', f'img_{CODEBOOK - 1}']
+  assert tokenizer.convert_ids_to_tokens(list(ids.semantic([0, 2]))) == ['sid_0_0', 'sid_1_2']
+  assert ids.added_range[1] == len(tokenizer)
+  with pytest.raises(ValueError, match='already has image-code or semantic'):
+    tokenizer_lib.with_image_code_tokens(tokenizer, CODEBOOK)
+
+
+def test_generation_needs_image_codes():
+  cfg = config_lib.base_config()
+  cfg.data.tasks.generation = 1.0
+  with pytest.raises(config_lib.ConfigError, match=r'config\.data\.image_codes'):
+    config_lib.validate(cfg, 8)
+
+
+def test_generation_examples_answer_with_the_targets_codes(dataset, codes_file):
+  path, codes = codes_file
+  plain = _config(dataset)
+  pipeline.fit_model_to_dataset(plain, dataset)
+  cfg = _config(dataset, path, generation=1.0)
+  config_lib.validate(cfg, 8)
+  builder = pipeline.make_builder(cfg, dataset)
+  assert cfg.model.lm.added_vocab_size == plain.model.lm.added_vocab_size + CODEBOOK  # the model gets img_k rows
+  ids, lo, hi = builder.ids, builder.ids.image_code(0), builder.ids.image_code(CODEBOOK)
+  user = dataset.user(0)
+  target = len(user.interactions) - 1
+  ex = builder.build('generation', user, target, with_answer=True, rng=np.random.default_rng(0))
+  answer = ex.tokens[ex.prompt_length:ex.prompt_length + codes.shape[1] + 1]
+  np.testing.assert_array_equal(answer[:-1], lo + codes[user.interactions[target].item])
+  assert answer[-1] == builder.eos and ex.answer_mask[ex.prompt_length:ex.prompt_length + len(answer)].all()
+  # Each history chunk shown answers with its own item's codes, right after its `<answer>`.
+  starts = np.flatnonzero(ex.tokens[:ex.prompt_length] == ids.answer)[:-1]
+  assert len(starts) >= 1
+  for start in starts:
+    span = ex.tokens[start + 1:start + 1 + codes.shape[1]]
+    assert ((span >= lo) & (span < hi)).all() and ex.tokens[start + 1 + codes.shape[1]] == ids.end_of_chunk
+  shown = [i.item for i in user.interactions[:target]][-len(starts):]
+  for start, item in zip(starts, shown):
+    np.testing.assert_array_equal(ex.tokens[start + 1:start + 1 + codes.shape[1]], lo + codes[item])
+  # The Grain pipeline's batches carry generation examples when the mixture asks for them.
+  cfg.data.tasks.update(recommendation=0.0, search=0.0, preference=0.0, selection=0.0)
+  batch = next(iter(pipeline.make_dataset(builder, cfg.data, seed=0)))
+  supervised = batch['tokens'][batch['answer_mask']]
+  assert (((supervised >= lo) & (supervised < hi)) | np.isin(supervised, [builder.eos, ids.end_of_chunk])).all()
