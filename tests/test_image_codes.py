@@ -6,14 +6,20 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+from flax import nnx
 
 from unimp_jax import config as config_lib
 from unimp_jax.data import formats, pipeline, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
+from unimp_jax.eval import generate, predictor as predictor_lib
+from unimp_jax.model import unimp, vision
+from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.tasks import generation
 from unimp_jax.vq import codes as codes_lib
 from unimp_jax.vq import model as vq_model
 from unimp_jax.vq import train as vq_train
@@ -140,3 +146,64 @@ def test_generation_examples_answer_with_the_targets_codes(dataset, codes_file):
   batch = next(iter(pipeline.make_dataset(builder, cfg.data, seed=0)))
   supervised = batch['tokens'][batch['answer_mask']]
   assert (((supervised >= lo) & (supervised < hi)) | np.isin(supervised, [builder.eos, ids.end_of_chunk])).all()
+
+
+@pytest.fixture(scope='module')
+def generator(dataset, codes_file, tmp_path_factory):
+  """A random UniMP over the dataset with image codes (its vocabulary holds img_k), and an image tokenizer
+  trained for two steps in the directory the codes file is in, as `python -m unimp_jax.vq.train` leaves it."""
+  vq_dir = str(tmp_path_factory.mktemp('vq-run'))
+  vq_cfg = config_lib.load('configs/vq.py')
+  vq_cfg.data.path = dataset.path
+  vq_cfg.model.update(channels=8, downsample=4, codebook_size=CODEBOOK, code_dim=8)
+  vq_cfg.train.update(steps=2, batch_size=8)
+  vq_cfg.checkpoint.async_save = False
+  graphdef, params, images, _, _ = vq_train.train(vq_cfg, vq_dir)
+  path = os.path.join(vq_dir, codes_lib.FILE)
+  codes_lib.write(path, vq_train.reconstruct(graphdef, params, images)[0], dataset, CODEBOOK)
+  cfg = _config(dataset, path, generation=1.0)
+  pipeline.fit_model_to_dataset(cfg, dataset)
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+  graphdef, state = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0))
+  return cfg, graphdef, nnx.to_pure_dict(state)
+
+
+def _generation_prompts(builder, dataset, users=(0, 1, 2)):
+  examples = [builder.build('generation', dataset.user(u), len(dataset.user(u).interactions) - 1,
+                            with_answer=False) for u in users]
+  width = max(e.prompt_length for e in examples)
+  tokens = np.stack([e.tokens[:width] for e in examples])
+  images = vision.normalize(np.stack([pipeline.gather_images(dataset, e.image_items) for e in examples]))
+  return tokens, images, np.asarray([e.prompt_length for e in examples], np.int32)
+
+
+@pytest.mark.parametrize('decoding', generation.DECODINGS)
+def test_generated_codes_are_whole_pictures_of_codes_only(dataset, generator, decoding):
+  cfg, graphdef, params = generator
+  builder = pipeline.make_builder(cfg, dataset)
+  tokens, images, lengths = _generation_prompts(builder, dataset)
+  for seed in range(3):  # hot sampling from a random model: unconstrained, most tokens would not be codes
+    codes = generation.generate_codes(graphdef, params, builder, tokens, images, lengths, decoding=decoding,
+                                      rng=jax.random.key(seed), temperature=5.0, top_p=0.99, num_beams=3)
+    assert codes.shape == (3, 16) and codes.dtype == np.int32
+    assert ((codes >= 0) & (codes < CODEBOOK)).all()
+  free = np.asarray(generate.sample(graphdef, params, tokens, images, lengths, jax.random.key(0), max_new=16,
+                                    pad_id=builder.pad, eos_id=builder.eos, temperature=5.0))
+  lo = builder.ids.image_code(0)
+  assert not ((free >= lo) & (free < lo + CODEBOOK)).all()  # what the constraint prevents
+
+
+def test_predictor_draws_the_generated_codes_with_the_image_tokenizer(dataset, generator):
+  cfg, graphdef, params = generator
+  predictor = predictor_lib.Predictor(cfg, graphdef, params, dataset, workdir='')
+  picture = predictor.generate([3, 7, 11], 'blue shirt')
+  assert picture.shape == (16, 16, 3) and picture.dtype == np.uint8
+  # The same picture as drawing the greedy codes directly with the tokenizer in the codes file's folder.
+  builder, _, tokens, images, lengths = predictor._example('generation', [3, 7, 11],
+                                                            formats.Interaction(item=0, query='blue shirt'))
+  codes = generation.generate_codes(graphdef, predictor.params, builder, tokens, images, lengths)
+  vq_graphdef, vq_params, _ = vq_train.load(os.path.dirname(cfg.data.image_codes))
+  np.testing.assert_array_equal(picture, vq_train.pictures_from_codes(vq_graphdef, vq_params,
+                                                                      codes.reshape(1, 4, 4))[0])
+  with pytest.raises(ValueError, match='a new item has no image codes'):
+    predictor.generate([3, predictor_lib.NewItem('', 'Linen shirt', 'shirt')], 'blue shirt')

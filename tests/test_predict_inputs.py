@@ -15,6 +15,10 @@ from unimp_jax.eval import predictor
     (dict(select=['1', '2']), '--select: 2 candidates; selection takes exactly 3'),
     (dict(new_items=['missing.png|Linen shirt']), "no picture at 'missing.png'"),
     (dict(new_items=['|Linen shirt|shirt|Acorn|cheap']), "price 'cheap' is not a number"),
+    (dict(generate='red dress', image_codes=True), '--generate QUERY and --generate_out FILE.png go together'),
+    (dict(generate='red dress', generate_out='a.png'), 'trained without image codes'),
+    (dict(generate='red dress', generate_out='a.png', image_codes=True, new_items=['|Linen shirt']),
+     'a new item has no image codes'),
 ])
 def test_bad_inputs_are_refused_naming_the_flag(values, says):
   with pytest.raises(predictor.InputError) as e:

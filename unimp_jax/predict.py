@@ -1,11 +1,11 @@
-"""Recommendations, ratings and selections from a trained UniMP, for one user history.
+"""Recommendations, ratings, selections and generated pictures from a trained UniMP, for one user history.
 
   python -m unimp_jax.predict --workdir workdir/tiny --history 12,57,301 --top_k 10 \
       [--new_item 'photo.png|Title|Category|Brand|19.99' ...] [--query '...'] [--rate 44] [--select 3,9,12] \
-      [--gallery out.png]
+      [--gallery out.png] [--generate 'red summer dress' --generate_out picture.png]
 
-Prints JSON: the top-k items with their probabilities, and when asked a rating with its explanation and
-a selection. From Python: unimp_jax.eval.predictor.Predictor.
+Prints JSON: the top-k items with their probabilities, and when asked a rating with its explanation, a
+selection, and the path of a generated picture (a model trained with `data.image_codes`). From Python: unimp_jax.eval.predictor.Predictor.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import json
 import sys
 
 from absl import app, flags, logging
+from PIL import Image
 
 from unimp_jax.data import formats
 from unimp_jax.eval import gallery, predictor as predictor_lib
 from unimp_jax.eval.predictor import NewItem, Predictor, run_config
+from unimp_jax.tasks import generation
 from unimp_jax.train import checkpoint as checkpoint_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory (with checkpoints/).', required=True)
@@ -29,6 +31,9 @@ _QUERY = flags.DEFINE_string('query', '', 'A search query (search instead of rec
 _RATE = flags.DEFINE_integer('rate', None, 'An item to predict a rating and explanation for.')
 _SELECT = flags.DEFINE_list('select', [], 'Candidate item ids for image selection.')
 _GALLERY = flags.DEFINE_string('gallery', '', 'Write a PNG (+ HTML) of the history and the recommendations.')
+_GENERATE = flags.DEFINE_string('generate', '', 'A query: generate the picture of the item it asks for.')
+_GENERATE_OUT = flags.DEFINE_string('generate_out', '', 'Where --generate writes its PNG.')
+_DECODING = flags.DEFINE_enum('decoding', 'greedy', generation.DECODINGS, 'How --generate decodes image codes.')
 
 
 def main(argv):
@@ -40,7 +45,8 @@ def main(argv):
     dataset = formats.UnifiedDataset(cfg.data.path)
     inputs = predictor_lib.check_request(
         len(dataset.items), dataset.tokenizer().unimp_layout['num_slots'], history=_HISTORY.value,
-        new_items=_NEW_ITEM.value, top_k=_TOP_K.value, rate=_RATE.value, select=_SELECT.value)
+        new_items=_NEW_ITEM.value, top_k=_TOP_K.value, rate=_RATE.value, select=_SELECT.value,
+        generate=_GENERATE.value, generate_out=_GENERATE_OUT.value, image_codes=bool(cfg.data.image_codes))
   except (predictor_lib.InputError, checkpoint_lib.CheckpointError, formats.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -53,6 +59,9 @@ def main(argv):
     out['rating'] = predictor.rate(history, inputs['rate'])
   if inputs['select']:
     out['selected'] = predictor.select(history, inputs['select'])
+  if _GENERATE.value:
+    Image.fromarray(predictor.generate(history, _GENERATE.value, decoding=_DECODING.value)).save(_GENERATE_OUT.value)
+    out['generated'] = {'query': _GENERATE.value, 'picture': _GENERATE_OUT.value, 'decoding': _DECODING.value}
   if _GALLERY.value:
     gallery.write_gallery(_GALLERY.value, [{'title': 'history -> recommended', 'history': [
         h for h in history if not isinstance(h, NewItem)], 'recommended': out['recommended'], 'target': None}],

@@ -147,15 +147,16 @@ def sample(graphdef, params, tokens_bt, images, prompt_length_b, rng, allowed_bv
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'num_beams', 'max_new', 'trie'))
-def beam_search(graphdef, params, tokens_bt, images, prompt_length_b, banned_bn=None, *, num_beams: int,
-                max_new: int, pad_id: int, eos_id: int, trie: ItemTrie | None = None):
+def beam_search(graphdef, params, tokens_bt, images, prompt_length_b, banned_bn=None, allowed_bv=None, *,
+                num_beams: int, max_new: int, pad_id: int, eos_id: int, trie: ItemTrie | None = None):
   """(tokens [B, beams, max_new], log-probabilities [B, beams]), best beam first.
 
   Scores are sums of the model's log-probabilities (no length penalty). A beam that emits
-  end-of-sequence is finished: it keeps its score and emits padding. With `trie`, `max_new` must equal
-  the ID length and only item IDs can come out; `banned_bn` [B, num_items] excludes items per row, and a
-  prefix whose every item is banned is never taken, so no beam is spent on it. A row with fewer allowed
-  items than beams gets -inf scores for the rest.
+  end-of-sequence is finished: it keeps its score and emits padding. `allowed_bv` (bool [B, V]) restricts
+  every step to the tokens it marks (their log-probabilities still over the whole vocabulary). With
+  `trie`, `max_new` must equal the ID length and only item IDs can come out; `banned_bn` [B, num_items]
+  excludes items per row, and a prefix whose every item is banned is never taken, so no beam is spent on
+  it. A row with fewer allowed items than beams gets -inf scores for the rest.
   """
   model = nnx.merge(graphdef, params)
   b, k = tokens_bt.shape[0], num_beams
@@ -189,6 +190,8 @@ def beam_search(graphdef, params, tokens_bt, images, prompt_length_b, banned_bn=
   def step(carry, t):
     logits, cache, scores, node, done, out = carry
     logp = jax.nn.log_softmax(logits, axis=-1)
+    if allowed_bv is not None:
+      logp = jnp.where(allowed_bv[rows], logp, NEG_INF)
     if trie is not None:
       logp = constrain(logp, node)
     finished = jnp.full((vocab,), NEG_INF).at[pad_id].set(0.0)

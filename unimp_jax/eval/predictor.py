@@ -24,8 +24,9 @@ from unimp_jax.data import formats, images as images_lib, pipeline, prompts
 from unimp_jax.eval import generate
 from unimp_jax.model import items, unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
-from unimp_jax.tasks import base, preference, recommendation, search, selection
+from unimp_jax.tasks import base, generation, preference, recommendation, search, selection
 from unimp_jax.train import checkpoint as checkpoint_lib
+from unimp_jax.vq import train as vq_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +112,10 @@ def new_item(spec: str) -> NewItem:
 
 
 def check_request(num_items: int, num_slots: int, *, history=(), new_items=(), top_k: int = 10, rate=None,
-                  select=()) -> dict:
+                  select=(), generate: str = '', generate_out: str = '', image_codes: bool = False) -> dict:
   """A prediction request (strings as the command line gives them) checked against the catalogue, before
-  any model is loaded: {'history': ids then NewItems, 'rate': id or None, 'select': ids}."""
+  any model is loaded: {'history': ids then NewItems, 'rate': id or None, 'select': ids}. `image_codes`:
+  whether the model was trained with them (it can generate pictures)."""
   history = [_item_id('--history', h, num_items) for h in history] + [new_item(s) for s in new_items]
   unseen = num_items - len({h for h in history if isinstance(h, int)})
   if not 1 <= top_k <= unseen:
@@ -122,6 +124,12 @@ def check_request(num_items: int, num_slots: int, *, history=(), new_items=(), t
   select = [_item_id('--select', c, num_items) for c in select]
   if select and len(select) != num_slots:
     raise InputError(f'--select: {len(select)} candidates; selection takes exactly {num_slots}')
+  if bool(generate) != bool(generate_out):
+    raise InputError('--generate QUERY and --generate_out FILE.png go together')
+  if generate and not image_codes:
+    raise InputError('--generate: this run was trained without image codes (config.data.image_codes)')
+  if generate and len(history) > len([h for h in history if isinstance(h, int)]):
+    raise InputError('--generate: a new item has no image codes; give catalogue items only')
   return {'history': history, 'rate': rate, 'select': select}
 
 
@@ -143,6 +151,7 @@ class Predictor:
     self.cfg, self.graphdef, self.dataset, self.workdir = cfg, graphdef, dataset, workdir
     self.builder = pipeline.make_builder(cfg, dataset, workdir)
     self.params = items.inference_params(graphdef, params, self.builder)
+    self._image_tokenizer = None  # (graphdef, params, config), loaded when a picture is first generated
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> 'Predictor':
@@ -223,6 +232,25 @@ class Predictor:
     probs = probs[0]
     return {'rating': int(probs.argmax()) + 1, 'expected_rating': float(np.dot(probs, np.arange(1, 6))),
             'probabilities': probs.tolist(), 'explanation': base.decode_text(builder, text[0])}
+
+  def generate(self, history: list, query: str, decoding: str = 'greedy', seed: int = 0) -> np.ndarray:
+    """The picture (uint8 [H, W, 3]) of the item `query` asks for, given this history: image codes generated
+    under the code constraint (unimp_jax.tasks.generation), drawn by the image tokenizer whose codes the
+    model was trained on (the workdir of `data.image_codes`)."""
+    if self.builder.image_codes is None:
+      raise ValueError('this model was trained without image codes (config.data.image_codes): it cannot '
+                       'generate pictures')
+    if any(isinstance(h, NewItem) for h in history):
+      raise ValueError('a new item has no image codes: generation takes catalogue items only')
+    builder, _, tokens, images, lengths = self._example(generation.TASK.name, history,
+                                                        formats.Interaction(item=0, query=query))
+    codes = generation.generate_codes(self.graphdef, self.params, builder, tokens, images, lengths,
+                                      decoding=decoding, rng=jax.random.key(seed))
+    if self._image_tokenizer is None:
+      self._image_tokenizer = vq_train.load(os.path.dirname(os.path.abspath(self.cfg.data.image_codes)))
+    graphdef, params, vq_cfg = self._image_tokenizer
+    side = self.dataset.image_size // vq_cfg.model.downsample
+    return vq_train.pictures_from_codes(graphdef, params, codes.reshape(-1, side, side))[0]
 
   def select(self, history: list, candidates: list[int]) -> list[int]:
     """The candidates (catalogue item ids) the model picks for this user."""

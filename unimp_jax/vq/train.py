@@ -19,6 +19,7 @@ import os
 import dm_pix
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import tqdm
@@ -144,6 +145,24 @@ def reconstruct(graphdef, params, images_u8: np.ndarray, batch_size: int = 256):
                           for i in range(0, len(images_u8), batch_size)])
   out = np.concatenate([np.asarray(decode(codes[i:i + batch_size])) for i in range(0, len(codes), batch_size)])
   return codes, out
+
+
+def load(workdir: str, step: int | None = None):
+  """(graphdef, params, config) of the tokenizer trained in `workdir` (its newest checkpoint, or `step`)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  cfg = ml_collections.ConfigDict(checkpoint_lib.read_config(directory, step))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_lib.Tokenizer(cfg.model, rngs=nnx.Rngs(0))))
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ('data',)),
+                                          jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          nnx.to_pure_dict(abstract))
+  return graphdef, checkpoint_lib.restore_params(directory, abstract, step=step), cfg
+
+
+def pictures_from_codes(graphdef, params, codes: np.ndarray) -> np.ndarray:
+  """uint8 pictures [N, H, W, 3] of codes int32 [N, h, w]."""
+  out = np.asarray(jax.jit(lambda c: nnx.merge(graphdef, params).decode(c))(codes))
+  return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
 def scores(graphdef, params, images_u8: np.ndarray, codebook_size: int) -> dict[str, float]:
