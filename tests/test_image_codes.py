@@ -10,17 +10,19 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+import scipy.linalg
 from flax import nnx
 
 from unimp_jax import config as config_lib
 from unimp_jax.data import formats, pipeline, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
-from unimp_jax.eval import generate, predictor as predictor_lib
+from unimp_jax.eval import evaluate, generate, predictor as predictor_lib
 from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.tasks import generation
 from unimp_jax.vq import codes as codes_lib
+from unimp_jax.vq import judge as judge_lib
 from unimp_jax.vq import model as vq_model
 from unimp_jax.vq import train as vq_train
 
@@ -30,7 +32,7 @@ CODEBOOK = 16
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('data') / 'fashion')
-  synthetic.build(path, num_items=40, num_users=12, seed=3, image_size=16, bpe_vocab=300)
+  synthetic.build(path, num_items=160, num_users=40, seed=3, image_size=16, bpe_vocab=300)
   return formats.UnifiedDataset(path)
 
 
@@ -88,11 +90,11 @@ def test_bad_codes_files_name_the_file_and_the_key(dataset, tmp_path):
   with pytest.raises(FileNotFoundError, match=r'config\.data\.image_codes: .*missing'):
     codes_lib.load(str(tmp_path / 'missing'), dataset)
   plain = str(tmp_path / 'plain.safetensors')
-  safetensors.numpy.save_file({'codes': np.zeros((40, 16), np.int32)}, plain)
+  safetensors.numpy.save_file({'codes': np.zeros((len(dataset.items), 16), np.int32)}, plain)
   with pytest.raises(ValueError, match='not an image-codes file'):
     codes_lib.load(plain, dataset)
   out_of_range = str(tmp_path / 'range.safetensors')
-  codes_lib.write(out_of_range, np.full((40, 4, 4), CODEBOOK, np.int32), dataset, CODEBOOK)
+  codes_lib.write(out_of_range, np.full((len(dataset.items), 4, 4), CODEBOOK, np.int32), dataset, CODEBOOK)
   with pytest.raises(ValueError, match=f'outside the codebook \\[0, {CODEBOOK}\\)'):
     codes_lib.load(out_of_range, dataset)
 
@@ -207,3 +209,49 @@ def test_predictor_draws_the_generated_codes_with_the_image_tokenizer(dataset, g
                                                                       codes.reshape(1, 4, 4))[0])
   with pytest.raises(ValueError, match='a new item has no image codes'):
     predictor.generate([3, predictor_lib.NewItem('', 'Linen shirt', 'shirt')], 'blue shirt')
+
+
+def test_frechet_distance_matches_the_fid_formula_with_scipy():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(300, 5)), rng.normal(0.5, 2.0, size=(200, 5)) @ rng.normal(size=(5, 5))
+  mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+  assert judge_lib.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+  assert judge_lib.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_judge_tells_held_out_colours_and_scores_pictures_consistently(dataset, generator):
+  judge = generation._judge(dataset.path)
+  assert judge.labels['colour'] == list(dataset.manifest['extra']['colours'])
+  assert judge.accuracy['colour'] > 0.5 > 1 / 8  # cold items, never trained on
+  cfg, graphdef, params = generator
+  builder = pipeline.make_builder(cfg, dataset)
+  users, targets = np.asarray([0, 1, 2, 3]), np.asarray([len(dataset.user(u).interactions) - 1 for u in range(4)])
+  items = generation.target_items(dataset, users, targets)
+  real = dataset.images(items)
+  scores = generation.picture_scores(builder, users, targets, real[::-1])
+  seen = judge.predict(real[::-1])
+  labels = judge_lib.item_labels(dataset)
+  assert scores["target's colour shown"] == np.mean(seen['colour'] == labels['colour'][1][items])
+  assert scores['category shown'] == np.mean(seen['category'] == labels['category'][1][items])
+  assert scores['users'] == 4  # the same pictures in another order: the same distribution
+  assert scores['Fréchet distance (judge features)'] == pytest.approx(0.0, abs=1e-3)
+  assert generation.picture_scores(builder, users, targets, real)['SSIM'] == pytest.approx(1.0)
+
+
+def test_generation_is_evaluated_with_its_references(dataset, generator):
+  cfg, graphdef, params = generator
+  predictor = predictor_lib.Predictor(cfg, graphdef, params, dataset, workdir='')
+  rows = evaluate.evaluate_rows(graphdef, predictor.params, predictor.builder, split=cfg.data.split,
+                                batch_size=4, tasks_to_run=('generation',))['generation']
+  assert rows['codes'].shape == (len(rows['user']), 16)
+  model = generation.TASK.summarise(rows, predictor.builder)
+  tables = generation.TASK.report_tables(predictor, cfg.data.split, rows)
+  ceiling = tables['generation reference: tokenizer reconstruction of the target (ceiling)']
+  assert set(model) == set(ceiling) and model['users'] == ceiling['users'] == len(rows['user'])
+  # The ceiling draws the target's own codes: the same pictures the decoder makes of them.
+  items = generation.target_items(dataset, rows['user'], rows['target'])
+  np.testing.assert_array_equal(generation.pictures(predictor.builder, predictor.builder.image_codes[items]),
+                                generation.pictures(predictor.builder, codes_lib.load(cfg.data.image_codes,
+                                                                                      dataset).codes[items]))
+  assert tables['generation judge (held-out item pictures)']['colour chance'] == 1 / 8

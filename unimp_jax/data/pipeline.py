@@ -190,7 +190,7 @@ def make_builder(cfg, dataset: formats.UnifiedDataset, workdir: str | None = Non
     codes = semantic_ids.for_run(cfg, dataset, tokenizer, workdir, params, graphdef).codes
   return prompts.TaskBuilder(dataset, tokenizer, seq_len=cfg.data.seq_len, num_images=cfg.data.num_images,
                              history=cfg.data.history, item_codes=codes, item_content=cfg.data.item_content,
-                             image_codes=None if pictures is None else pictures.codes)
+                             image_codes=pictures)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:

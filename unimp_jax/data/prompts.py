@@ -111,9 +111,11 @@ class TaskBuilder:
   """Builds examples for one dataset and tokenizer, at fixed `seq_len` and `num_images`."""
 
   def __init__(self, dataset: formats.UnifiedDataset, tokenizer, *, seq_len: int, num_images: int,
-               history: int, image_codes: np.ndarray | None = None, item_codes: np.ndarray | None = None,
+               history: int, image_codes=None, item_codes: np.ndarray | None = None,
                item_content: str = 'image+text'):
-    """`item_codes` [num_items, levels]: semantic ids (the tokenizer must carry their tokens, see
+    """`image_codes`: the catalogue pictures' unimp_jax.vq.codes.ImageCodes (the tokenizer must carry their
+    `img_k` tokens, see `tokenizer.with_image_code_tokens`), for the generation task. `item_codes`
+    [num_items, levels]: semantic ids (the tokenizer must carry their tokens, see
     `tokenizer.with_semantic_tokens`); None: atomic `item_i` tokens."""
     if item_content not in ITEM_CONTENTS:
       raise ValueError(f'config.data.item_content={item_content!r} is not one of {ITEM_CONTENTS}')
@@ -121,7 +123,9 @@ class TaskBuilder:
     self.ids = TokenIds(tokenizer.unimp_layout)
     self.seq_len, self.num_images, self.history = seq_len, num_images, history
     self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    self.image_codes, self.item_codes, self.item_content = image_codes, item_codes, item_content
+    self.item_codes, self.item_content = item_codes, item_content
+    self.image_codes = None if image_codes is None else image_codes.codes  # int32 [num_items, h * w]
+    self.image_codes_path = None if image_codes is None else image_codes.path
     num_items = self.ids.num_items  # the catalogue; a prediction's new items (ids after it) have no id
     if item_codes is None:
       self.item_tokens = np.asarray(self.ids.item(np.arange(num_items)), np.int32)[:, None]

@@ -26,7 +26,6 @@ from unimp_jax.model import items, unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.tasks import base, generation, preference, recommendation, search, selection
 from unimp_jax.train import checkpoint as checkpoint_lib
-from unimp_jax.vq import train as vq_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +150,6 @@ class Predictor:
     self.cfg, self.graphdef, self.dataset, self.workdir = cfg, graphdef, dataset, workdir
     self.builder = pipeline.make_builder(cfg, dataset, workdir)
     self.params = items.inference_params(graphdef, params, self.builder)
-    self._image_tokenizer = None  # (graphdef, params, config), loaded when a picture is first generated
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> 'Predictor':
@@ -246,11 +244,7 @@ class Predictor:
                                                         formats.Interaction(item=0, query=query))
     codes = generation.generate_codes(self.graphdef, self.params, builder, tokens, images, lengths,
                                       decoding=decoding, rng=jax.random.key(seed))
-    if self._image_tokenizer is None:
-      self._image_tokenizer = vq_train.load(os.path.dirname(os.path.abspath(self.cfg.data.image_codes)))
-    graphdef, params, vq_cfg = self._image_tokenizer
-    side = self.dataset.image_size // vq_cfg.model.downsample
-    return vq_train.pictures_from_codes(graphdef, params, codes.reshape(-1, side, side))[0]
+    return generation.pictures(builder, codes)[0]
 
   def select(self, history: list, candidates: list[int]) -> list[int]:
     """The candidates (catalogue item ids) the model picks for this user."""

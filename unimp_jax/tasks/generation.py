@@ -2,16 +2,28 @@
 
 History chunks answer with their pictures' codes and the final answer is the target's codes, from the
 file `data.image_codes` names (unimp_jax.vq.codes, written by `python -m unimp_jax.vq.train`). The task
-trains in the mixture; it is not scored yet (constrained decoding and the picture scores come next).
+trains in the mixture. Decoding is constrained to exactly h * w code tokens (`generate_codes`); the codes
+are drawn by the image tokenizer in the codes file's folder and scored against the target picture (PSNR,
+SSIM by dm-pix) and by a classifier trained on the item pictures (unimp_jax.vq.judge): does the picture
+show the target's category and the user's most frequent history colour, and how far are generated
+pictures from real ones (Fréchet distance on the judge's features).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
+import dm_pix
 import jax
 import numpy as np
 
+from unimp_jax import baselines
+from unimp_jax.data import formats
 from unimp_jax.eval import generate
 from unimp_jax.tasks import base
+from unimp_jax.vq import judge as judge_lib
+from unimp_jax.vq import train as vq_train
 
 DECODINGS = ('greedy', 'top_p', 'beam')
 
@@ -48,10 +60,55 @@ def generate_codes(graphdef, params, builder, tokens, images, lengths, *, decodi
   return (out - first).astype(np.int32)
 
 
+@functools.cache
+def _image_tokenizer(directory: str):
+  return vq_train.load(directory)
+
+
+@functools.cache
+def _judge(dataset_path: str) -> judge_lib.Judge:
+  return judge_lib.train(formats.UnifiedDataset(dataset_path))
+
+
+def pictures(builder, codes: np.ndarray) -> np.ndarray:
+  """uint8 [N, H, W, 3]: codes [N, h * w] drawn by the image tokenizer that made the run's codes."""
+  graphdef, params, cfg = _image_tokenizer(os.path.dirname(builder.image_codes_path))
+  side = builder.dataset.image_size // cfg.model.downsample
+  return vq_train.pictures_from_codes(graphdef, params, np.asarray(codes).reshape(-1, side, side))
+
+
+def target_items(dataset, users, targets) -> np.ndarray:
+  return np.asarray([dataset.user(int(u)).interactions[int(t)].item for u, t in zip(users, targets)])
+
+
+def picture_scores(builder, users, targets, shown: np.ndarray) -> dict[str, float]:
+  """How pictures `shown` [N, H, W, 3] (one per test user) match what each user asked for: PSNR and SSIM
+  to the target picture; the share the judge sees as the target's category, as the user's most frequent
+  history colour and as the target's colour; and the Fréchet distance of the judge's features to the
+  target pictures'."""
+  dataset = builder.dataset
+  items = target_items(dataset, users, targets)
+  real = dataset.images(items)
+  judge = _judge(dataset.path)
+  seen, labels = judge.predict(shown), judge_lib.item_labels(dataset)
+  scale = lambda x: x.astype(np.float32) / 255.0
+  out = {'PSNR (dB)': float(dm_pix.psnr(scale(real), scale(shown)).mean()),
+         'SSIM': float(dm_pix.ssim(scale(real), scale(shown)).mean()),
+         'category shown': float((seen['category'] == labels['category'][1][items]).mean())}
+  if 'colour' in seen:
+    colour = labels['colour'][1]
+    favourite = np.asarray([np.bincount(colour[[i.item for i in dataset.user(int(u)).interactions[:int(t)]]],
+                                        minlength=len(labels['colour'][0])).argmax() for u, t in zip(users, targets)])
+    out["user's colour shown"] = float((seen['colour'] == favourite).mean())
+    out["target's colour shown"] = float((seen['colour'] == colour[items]).mean())
+  out['Fréchet distance (judge features)'] = judge_lib.frechet_distance(judge.features(shown), judge.features(real))
+  out['users'] = len(items)
+  return out
+
+
 class Generation(base.Task):
   name = 'generation'
   instruction = 'Query: {query} What is the generated image ID to the query based on the history?'
-  evaluated = False
 
   def available(self, builder, user):
     """Every item the user bought has a picture (so has codes), as preference needs every rating."""
@@ -70,10 +127,34 @@ class Generation(base.Task):
     return [], list(builder.ids.image_code(builder.image_codes[inter.item])), goal
 
   def evaluate(self, ctx, batch):
-    raise ValueError('generation is not scored yet: constrained decoding to pictures comes next')
+    """Greedy codes of each prompt: 'codes' int32 [B, h * w]."""
+    return {'codes': generate_codes(ctx.graphdef, ctx.params, ctx.builder, batch.tokens, batch.images,
+                                    batch.lengths)}
 
   def summarise(self, rows, builder):
-    raise ValueError('generation is not scored yet: constrained decoding to pictures comes next')
+    return picture_scores(builder, rows['user'], rows['target'], pictures(builder, rows['codes']))
+
+  def report_tables(self, predictor, split, rows):
+    """The same scores for two references on the same test users: the image tokenizer's reconstruction
+    of the target (the ceiling), and the most bought picture of the target's category (user-blind); the
+    judge's own held-out accuracy."""
+    builder = predictor.builder
+    items = target_items(builder.dataset, rows['user'], rows['target'])
+    bought = np.bincount(np.concatenate(baselines.training_sequences(builder.dataset, split)),
+                         minlength=len(builder.dataset.items))
+    category = np.asarray([item.category for item in builder.dataset.items])
+    popular = {c: int(np.flatnonzero(category == c)[bought[category == c].argmax()]) for c in set(category)}
+    references = {
+        'tokenizer reconstruction of the target (ceiling)': pictures(builder, builder.image_codes[items]),
+        "most bought picture of the target's category (user-blind)":
+            builder.dataset.images([popular[c] for c in category[items]])}
+    tables = {f'generation reference: {name}': picture_scores(builder, rows['user'], rows['target'], shown)
+              for name, shown in references.items()}
+    judge = _judge(builder.dataset.path)
+    tables['generation judge (held-out item pictures)'] = {
+        f'{head} accuracy': acc for head, acc in judge.accuracy.items()} | {
+        f'{head} chance': 1 / len(names) for head, names in judge.labels.items()}
+    return tables
 
 
 TASK = Generation()

@@ -29,6 +29,7 @@ class ImageCodes:
   codes: np.ndarray  # int32 [num_items, h * w]; -1 where the item has no picture
   codebook_size: int
   grid: tuple[int, int]
+  path: str  # the file; the image tokenizer that made it is its folder (`python -m unimp_jax.vq.train`)
 
   @property
   def length(self) -> int:
@@ -79,4 +80,4 @@ def load(path: str, dataset: formats.UnifiedDataset, key: str = 'data.image_code
     raise ValueError(f'config.{key}: {path} has codes outside the codebook [0, {size})')
   if (codes[~has_image] != -1).any():
     raise ValueError(f'config.{key}: {path} has codes for items without a picture')
-  return ImageCodes(codes=codes, codebook_size=size, grid=grid)
+  return ImageCodes(codes=codes, codebook_size=size, grid=grid, path=os.path.abspath(path))
