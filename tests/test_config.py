@@ -105,3 +105,13 @@ def test_the_main_job_refuses_a_bad_config_in_one_line(tmp_path, override, says)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and says in proc.stderr
   assert not (tmp_path / 'mistyped').exists() and not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_transformers_advisories_are_silenced_by_importing_the_package():
+  """transformers' "PyTorch was not found" is an advisory printed on import; commands import unimp_jax first."""
+  advise = "import transformers; transformers.utils.logging.get_logger('transformers').warning_advice('ADVICE')"
+  env = {k: v for k, v in os.environ.items() if k != 'TRANSFORMERS_NO_ADVISORY_WARNINGS'}
+  plain = subprocess.run([sys.executable, '-c', advise], capture_output=True, text=True, env=env, check=True)
+  ours = subprocess.run([sys.executable, '-c', 'import unimp_jax; ' + advise], capture_output=True, text=True,
+                        env=env, check=True)
+  assert 'ADVICE' in plain.stderr and 'ADVICE' not in ours.stderr
