@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import scipy.linalg
+from PIL import Image
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic
+from unimp_jax.data import formats, pipeline, splits, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.eval import evaluate, generate, predictor as predictor_lib
@@ -255,3 +256,21 @@ def test_generation_is_evaluated_with_its_references(dataset, generator):
                                 generation.pictures(predictor.builder, codes_lib.load(cfg.data.image_codes,
                                                                                       dataset).codes[items]))
   assert tables['generation judge (held-out item pictures)']['colour chance'] == 1 / 8
+
+
+def test_generation_gallery_shows_history_generated_and_target(dataset, generator, tmp_path):
+  cfg, graphdef, params = generator
+  predictor = predictor_lib.Predictor(cfg, graphdef, params, dataset, workdir='')
+  lines = generation.TASK.gallery(predictor, cfg.data.split, str(tmp_path), 2)
+  assert '![generation](generation.png)' in lines and len([l for l in lines if l.startswith('| test user')]) == 2
+  grid = np.asarray(Image.open(tmp_path / 'generation.png'))
+  side = dataset.image_size * 4  # drawn 4x
+  assert grid.shape[0] == 2 * side and grid.shape[1] % side == 0
+  # The last picture of the first row is the real target, the one before it the generated picture.
+  users = splits.split_users(dataset, cfg.data.split, 'test')
+  user = dataset.user(int(users[0]))
+  target = dataset.images([user.interactions[-1].item])[0]
+  np.testing.assert_array_equal(grid[:side:4, -side::4], target)
+  history = [i.item for i in user.interactions[:-1]]
+  np.testing.assert_array_equal(grid[:side:4, -2 * side:-side:4],
+                                predictor.generate(history, predictor.builder.query_text(user.interactions[-1])))

@@ -238,8 +238,9 @@ class TaskBuilder:
       return np.zeros(0, np.int32)
     if not has_query:
       return self.text(' ' + before)
-    return np.concatenate([self.text(' ' + before.rstrip()), self.encode(' ' + self._query(inter)),
+    return np.concatenate([self.text(' ' + before.rstrip()), self.encode(' ' + self.query_text(inter)),
                            self.text(after)])
 
-  def _query(self, inter: formats.Interaction) -> str:
+  def query_text(self, inter: formats.Interaction) -> str:
+    """The words a prompt asks with: the interaction's query, else the item's keywords."""
     return inter.query or ' '.join(self.dataset.items[inter.item].keywords) or 'Unknown'

@@ -17,9 +17,10 @@ import os
 import dm_pix
 import jax
 import numpy as np
+from PIL import Image
 
 from unimp_jax import baselines
-from unimp_jax.data import formats
+from unimp_jax.data import formats, splits
 from unimp_jax.eval import generate
 from unimp_jax.tasks import base
 from unimp_jax.vq import judge as judge_lib
@@ -155,6 +156,36 @@ class Generation(base.Task):
         f'{head} accuracy': acc for head, acc in judge.accuracy.items()} | {
         f'{head} chance': 1 / len(names) for head, names in judge.labels.items()}
     return tables
+
+  def gallery(self, predictor, split, workdir, num_users):
+    """A few test users: their last history pictures, then the picture generated for their query, then
+    the real target."""
+    dataset, builder = predictor.dataset, predictor.builder
+    rows, lines = [], []
+    for u in splits.split_users(dataset, split, 'test')[:num_users]:
+      user = dataset.user(int(u))
+      target = splits.target_position(len(user.interactions), split, 'test', None)
+      history = [i.item for i in user.interactions[:target]]
+      query = builder.query_text(user.interactions[target])
+      shown = history[-builder.num_images:]
+      rows.append(list(dataset.images(shown)) + [predictor.generate(history, query),
+                                                 dataset.images([user.interactions[target].item])[0]])
+      lines.append(f'| test user {u} | {" ".join(map(str, shown))} | {query} |')
+    if jax.process_index() == 0:
+      _gallery_png(os.path.join(workdir, 'generation.png'), rows)
+    return ['## Generation gallery (each row: the last history pictures, the generated picture, the real '
+            'target)', '![generation](generation.png)', '', '| row | history items shown | query |', '|---|---|---|',
+            *lines]
+
+
+def _gallery_png(path: str, rows: list[list[np.ndarray]], scale: int = 4) -> None:
+  """Rows of equally sized pictures (fewer history pictures are padded with white), written atomically."""
+  width = max(len(r) for r in rows)
+  blank = np.full_like(rows[0][0], 255)
+  grid = np.concatenate([np.concatenate([blank] * (width - len(r)) + r, 1) for r in rows], 0)
+  image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
+  image.save(path + '.tmp.png')
+  os.replace(path + '.tmp.png', path)
 
 
 TASK = Generation()
