@@ -49,6 +49,12 @@ def test_main_job_reports_every_task_and_predict_answers(tmp_path):
   assert 1 <= out['rating']['expected_rating'] <= 5 and isinstance(out['rating']['explanation'], str)
   assert set(out['selected']) <= {5, 6, 7}
   assert os.path.exists(tmp_path / 'mine.png') and os.path.exists(tmp_path / 'mine.html')
+  # Titles of every item named, the new one (id 80, after the catalogue) in the JSON and the gallery too.
+  catalogue = formats.UnifiedDataset(data).items
+  assert out['titles']['80'] == 'Red linen shirt' and out['titles']['44'] == catalogue[44].title
+  assert {str(i) for i in [3, 17, 29, 44, *items, *out['selected']]} <= set(out['titles'])
+  with open(tmp_path / 'mine.html') as f:
+    assert 'Red linen shirt' in f.read()
   assert formats.UnifiedDataset(data).num_users == 50  # the dataset is read, never rewritten
 
   # The evaluation command (here with the sampled-negatives protocol): its per-user lines give back

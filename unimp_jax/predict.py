@@ -18,7 +18,7 @@ from PIL import Image
 
 from unimp_jax.data import formats
 from unimp_jax.eval import gallery, predictor as predictor_lib
-from unimp_jax.eval.predictor import NewItem, Predictor, run_config
+from unimp_jax.eval.predictor import Predictor, run_config
 from unimp_jax.tasks import generation
 from unimp_jax.train import checkpoint as checkpoint_lib
 
@@ -62,10 +62,18 @@ def main(argv):
   if _GENERATE.value:
     Image.fromarray(predictor.generate(history, _GENERATE.value, decoding=_DECODING.value)).save(_GENERATE_OUT.value)
     out['generated'] = {'query': _GENERATE.value, 'picture': _GENERATE_OUT.value, 'decoding': _DECODING.value}
+  view, ids = predictor.history_view(history)  # new items get ids after the catalogue's
   if _GALLERY.value:
-    gallery.write_gallery(_GALLERY.value, [{'title': 'history -> recommended', 'history': [
-        h for h in history if not isinstance(h, NewItem)], 'recommended': out['recommended'], 'target': None}],
-                          predictor.dataset)
+    title = 'history -> recommended'
+    if 'rating' in out:
+      title += f'; item {inputs["rate"]} rated {out["rating"]["rating"]} ({out["rating"]["expected_rating"]:.2f})'
+    if 'selected' in out:
+      title += f'; selected {out["selected"]} of {inputs["select"]}'
+    gallery.write_gallery(_GALLERY.value, [{'title': title, 'history': ids, 'recommended': out['recommended'],
+                                            'target': None}], view)
+  shown = ids + [i for i, _ in out['recommended']] + out.get('selected', []) + \
+      ([inputs['rate']] if inputs['rate'] is not None else [])
+  out['titles'] = {str(i): view.items[i].title for i in sorted(set(shown))}
   print(json.dumps(out, indent=1))
 
 

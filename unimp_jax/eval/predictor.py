@@ -62,7 +62,9 @@ class _CatalogueView:
     if old.any():
       out[old] = self._dataset.images(item_ids[old])
     for row in np.flatnonzero(~old):
-      out[row] = self._pictures[item_ids[row] - self.num_catalogue]
+      picture = self._pictures[item_ids[row] - self.num_catalogue]
+      if picture is not None:  # a new item without a picture stays black, as a catalogue one does
+        out[row] = picture
     return out
 
   def tokenizer(self):
@@ -167,16 +169,10 @@ class Predictor:
     return cls(cfg, graphdef, params, dataset, workdir)
 
   # ---- one example from a history ------------------------------------------------------------------
-  def _example(self, task: str, history: list, target: formats.Interaction, selections=()):
+  def history_view(self, history: list):
+    """(the catalogue with the history's new items after it, the history as item ids of that view)."""
     new = [h for h in history if isinstance(h, NewItem)]
     view = _CatalogueView(self.dataset, new) if new else self.dataset
-    builder = self.builder
-    if new:
-      if builder.item_content == 'ids':
-        raise ValueError('this model reads item ids only (config.data.item_content=ids): new items cannot be shown')
-      builder = prompts.TaskBuilder(view, builder.tokenizer, seq_len=builder.seq_len, num_images=builder.num_images,
-                                    history=builder.history, item_codes=builder.item_codes,
-                                    item_content=builder.item_content)
     ids, next_new = [], len(self.dataset.items)
     for h in history:
       if isinstance(h, NewItem):
@@ -186,6 +182,18 @@ class Predictor:
         if not 0 <= int(h) < len(self.dataset.items):
           raise ValueError(f'history item {h} is not in the catalogue (0..{len(self.dataset.items) - 1})')
         ids.append(int(h))
+    return view, ids
+
+  def _example(self, task: str, history: list, target: formats.Interaction, selections=()):
+    view, ids = self.history_view(history)
+    new = [h for h in history if isinstance(h, NewItem)]
+    builder = self.builder
+    if new:
+      if builder.item_content == 'ids':
+        raise ValueError('this model reads item ids only (config.data.item_content=ids): new items cannot be shown')
+      builder = prompts.TaskBuilder(view, builder.tokenizer, seq_len=builder.seq_len, num_images=builder.num_images,
+                                    history=builder.history, item_codes=builder.item_codes,
+                                    item_content=builder.item_content)
     user = formats.User('predict', tuple(formats.Interaction(item=i) for i in ids) + (target,), tuple(selections))
     example = builder.build(task, user, len(ids), with_answer=False, rng=np.random.default_rng(0))
     width = generate.bucket_length(example.prompt_length, builder.seq_len)
