@@ -201,6 +201,21 @@ def test_sliding_window_shorter_than_the_sequence_is_refused(data):
     mapping.update_llama_config(cfg.model, hf.config, seq_len=cfg.data.seq_len)
 
 
+@pytest.mark.parametrize('overrides,says', [
+    (dict(hidden_act='gelu'), "hidden_act='gelu'"),
+    (dict(rope_parameters={'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e4}), "rope_type='linear'"),
+    (dict(rope_parameters={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                           'original_max_position_embeddings': 256, 'rope_theta': 5e5}), "rope_type='llama3'"),
+])
+def test_lm_configs_this_model_would_compute_differently_are_refused(overrides, says):
+  import transformers
+  cfg = config_lib.base_config()
+  hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                                    num_attention_heads=4, max_position_embeddings=512, **overrides)
+  with pytest.raises(mapping.MappingError, match=says):
+    mapping.update_llama_config(cfg.model, hf_cfg)
+
+
 def test_pretrained_towers_fill_the_model_and_the_rest_stays_fresh(tmp_path, data):
   """`config.pretrained.*` as training reads it: the architecture from config.json, the tensors streamed in,
   the connector and cross-attention (gates at 0) left as initialised; a vocabulary that is not the

@@ -312,6 +312,14 @@ def update_llama_config(model_cfg, hf_llama, *, seq_len: int | None = None) -> N
   for flag in ('attention_bias', 'mlp_bias'):
     if getattr(hf_llama, flag, False):
       raise MappingError(f'{model_type} config has {flag}=True, which this model does not support')
+  act = getattr(hf_llama, 'hidden_act', 'silu')
+  if act != 'silu':
+    raise MappingError(f'{model_type} config has hidden_act={act!r}; the LM MLP is SwiGLU (silu)')
+  rope = getattr(hf_llama, 'rope_parameters', None) or getattr(hf_llama, 'rope_scaling', None) or {}
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  if rope_type != 'default':
+    raise MappingError(f'{model_type} config has rope_type={rope_type!r} (scaled rotary embeddings); this model '
+                       'implements unscaled ones only, and would give other logits')
   window = getattr(hf_llama, 'sliding_window', None)
   if window is not None and seq_len is not None and window < seq_len:
     raise MappingError(f'{model_type} config has sliding_window={window} < config.data.seq_len={seq_len}; this '
