@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import re
 import textwrap
 
 import grain
@@ -249,3 +250,27 @@ def test_a_half_written_step_is_ignored(tmp_path, devices, caplog):
   with checkpoint_lib.Checkpointer(directory, save_every=1, keep=10) as checkpointer:
     assert checkpointer.save(3, _tiny_state(3, sharding))  # the step the killed run lost can be saved again
   assert checkpointer.all_steps() == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_model_data_or_optimizer_key_naming_it(tmp_path):
+  from unimp_jax.train import trainer
+  data = str(tmp_path / 'fashion')
+  synthetic.build(data, num_items=60, num_users=20, seed=5, image_size=32, bpe_vocab=400)
+  cfg = config_lib.load('configs/tiny.py', (f'data.path={data}',))
+  pipeline.fit_model_to_dataset(cfg, formats.UnifiedDataset(data))  # as the trainer saves it
+  workdir = str(tmp_path / 'run')
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=1,
+                                   async_save=False) as ckpt:
+    ckpt.save(1, {'x': np.zeros(2)}, config=cfg)
+  for override, says in (('data.batch_size=16', 'config.data.batch_size: 8 in the checkpoint, 16 now'),
+                         ('model.lm.width=64', 'config.model.lm.width: 128 in the checkpoint, 64 now'),
+                         ('train.learning_rate=0.001', 'config.train.learning_rate: 0.0005 in the checkpoint')):
+    changed = config_lib.load('configs/tiny.py', (f'data.path={data}', override))
+    with pytest.raises(config_lib.ConfigError, match=re.escape(says)):
+      trainer.train(changed, workdir)
+  # A longer run and another mesh or checkpoint interval are fine; the step count is worth a warning.
+  longer = config_lib.load('configs/tiny.py', (f'data.path={data}', 'train.steps=5000', 'checkpoint.every=7',
+                                               'mesh.fsdp=2'))
+  pipeline.fit_model_to_dataset(longer, formats.UnifiedDataset(data))
+  refused, allowed = config_lib.resume_changes(json.loads(json.dumps(cfg.to_dict())), longer)
+  assert refused == [] and allowed == ['config.train.steps: 1000 in the checkpoint, 5000 now']

@@ -8,6 +8,7 @@ Sections: `model` (vision, connector, lm), `mesh` (axis sizes and the logical-ax
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -257,6 +258,35 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   missing = {name for name, _ in mesh_lib.DEFAULT_RULES} - rule_names
   _check(not missing, 'mesh.rules', f'no rule for logical axes {sorted(missing)}')
   return shape
+
+
+# On resume: keys under these prefixes must equal the checkpoint's (the model, the data and its order, the
+# optimizer); of them, `RESUME_MAY_CHANGE` may differ with a warning (a longer run, another log interval, a
+# dataset moved). Any other key (mesh, checkpoint, eval, pretrained paths) may change freely.
+RESUME_MUST_MATCH = ('model.', 'data.', 'train.', 'seed')
+RESUME_MAY_CHANGE = ('train.steps', 'train.log_every', 'data.path', 'data.image_codes')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def resume_changes(saved: dict, cfg: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """(refused, allowed) descriptions of how `cfg` differs from the config a checkpoint was `saved` with.
+  Keys only one side has (added or removed by a code change since) are not compared."""
+  before, now = _flat(saved), _flat(json.loads(json.dumps(cfg.to_dict())))
+  refused, allowed = [], []
+  for key in sorted(set(before) & set(now)):
+    if before[key] != now[key] and key.startswith(RESUME_MUST_MATCH):
+      line = f'config.{key}: {before[key]!r} in the checkpoint, {now[key]!r} now'
+      (allowed if key in RESUME_MAY_CHANGE else refused).append(line)
+  return refused, allowed
 
 
 def run_main(main) -> None:

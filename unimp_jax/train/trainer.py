@@ -78,6 +78,12 @@ def train(cfg, workdir: str) -> Run:
       os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
       async_save=cfg.checkpoint.async_save)
   if checkpointer.latest_step() is not None:
+    refused, allowed = config_lib.resume_changes(checkpointer.restore_config(), cfg)
+    if refused:  # e.g. another batch size would silently skip examples: the data position counts batches
+      raise config_lib.ConfigError(f'{workdir} holds a run with another config, which it cannot resume: '
+                                   + '; '.join(refused) + '. Use a new workdir, or the checkpoint\'s values')
+    for line in allowed:
+      say(f'warning: resuming with {line}')
     builder = pipeline.make_builder(cfg, dataset, workdir)
     batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
     state, start = checkpointer.restore(abstract_state, data_iterator=batches)
