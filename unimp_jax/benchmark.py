@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import time
 
 import jax
@@ -164,7 +165,7 @@ def main(argv):
   report.plot_benchmark(os.path.join(workdir, 'hr10.png'), results, ceilings)
   command = f'python -m unimp_jax.benchmark --dataset {name} --workdir {workdir}'
   if variants is not None:
-    command += f' --variants {",".join(variants)}'
+    command += f' --variants {shlex.quote(",".join(variants))}'
   text = report.benchmark_markdown(dataset.manifest['name'], base, results, ceilings, speed, command, intervals)
   if jax.process_index() == 0:
     _write(os.path.join(workdir, 'BENCHMARK.md'), text)

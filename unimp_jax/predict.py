@@ -4,8 +4,9 @@
       [--new_item 'photo.png|Title|Category|Brand|19.99' ...] [--query '...'] [--rate 44] [--select 3,9,12] \
       [--gallery out.png] [--generate 'red summer dress' --generate_out picture.png]
 
-Prints JSON: the top-k items with their probabilities, and when asked a rating with its explanation, a
-selection, and the path of a generated picture (a model trained with `data.image_codes`). From Python: unimp_jax.eval.predictor.Predictor.
+Prints JSON: the top-k items with their probabilities, when asked a rating with its explanation, a
+selection and the path of a generated picture (a model trained with `data.image_codes`), and the titles
+of every item named. From Python: unimp_jax.eval.predictor.Predictor.
 """
 
 from __future__ import annotations
