@@ -235,6 +235,8 @@ def test_the_judge_tells_held_out_colours_and_scores_pictures_consistently(datas
   labels = judge_lib.item_labels(dataset)
   assert scores["target's colour shown"] == np.mean(seen['colour'] == labels['colour'][1][items])
   assert scores['category shown'] == np.mean(seen['category'] == labels['category'][1][items])
+  squared = ((real.astype(np.float64) - real[::-1]) / 255) ** 2
+  assert scores['PSNR (dB, of the mean squared error)'] == pytest.approx(-10 * np.log10(squared.mean()), rel=1e-5)
   assert scores['users'] == 4  # the same pictures in another order: the same distribution
   assert scores['Fréchet distance (judge features)'] == pytest.approx(0.0, abs=1e-3)
   assert generation.picture_scores(builder, users, targets, real)['SSIM'] == pytest.approx(1.0)

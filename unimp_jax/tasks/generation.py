@@ -93,7 +93,9 @@ def picture_scores(builder, users, targets, shown: np.ndarray) -> dict[str, floa
   judge = _judge(dataset.path)
   seen, labels = judge.predict(shown), judge_lib.item_labels(dataset)
   scale = lambda x: x.astype(np.float32) / 255.0
-  out = {'PSNR (dB)': float(dm_pix.psnr(scale(real), scale(shown)).mean()),
+  # PSNR of the mean squared error over all pictures: a reference that shows the target itself (the most
+  # bought picture can be it) has an infinite PSNR, which would make a mean of per-picture PSNRs infinite.
+  out = {'PSNR (dB, of the mean squared error)': float(-10 * np.log10(dm_pix.mse(scale(real), scale(shown)).mean())),
          'SSIM': float(dm_pix.ssim(scale(real), scale(shown)).mean()),
          'category shown': float((seen['category'] == labels['category'][1][items]).mean())}
   if 'colour' in seen:
