@@ -175,9 +175,9 @@ class Generation(base.Task):
       lines.append(f'| test user {u} | {" ".join(map(str, shown))} | {query} |')
     if jax.process_index() == 0:
       _gallery_png(os.path.join(workdir, 'generation.png'), rows)
-    return ['## Generation gallery (each row: the last history pictures, the generated picture, the real '
-            'target)', '![generation](generation.png)', '', '| row | history items shown | query |', '|---|---|---|',
-            *lines]
+    table = '\n'.join(['| row | history items shown | query |', '|---|---|---|', *lines])  # one block: the
+    return ['## Generation gallery (each row: the last history pictures, the generated picture, the real '  # report
+            'target)', '![generation](generation.png)', table]  # puts a blank line between blocks
 
 
 def _gallery_png(path: str, rows: list[list[np.ndarray]], scale: int = 4) -> None:
