@@ -19,7 +19,10 @@ def test_markdown_and_plot(tmp_path):
   results = {'UniMP': {'recommendation': _ranked(0.3), 'recommendation, cold targets': _ranked(0.25),
                        'search': _ranked(0.2),
                        'preference': {'users': 200, 'RMSE (argmax)': 1.1, 'BLEU-4': 3.0},
-                       'selection': {'users': 200, 'F1': 0.5}},
+                       'selection': {'users': 200, 'F1': 0.5},
+                       'generation': {'SSIM': 0.2, "user's colour shown": 0.44, 'users': 200}},
+             'generation: tokenizer reconstruction of the target (ceiling)': {
+                 'generation': {'SSIM': 0.7, "user's colour shown": 0.88, 'users': 200}},
              'UniMP text only': {'recommendation': _ranked(0.1)},
              'popularity': {'recommendation': _ranked(0.02), 'recommendation, cold targets': _ranked(0.0)}}
   ceilings = {'oracle HR@10': 0.44}
@@ -33,6 +36,8 @@ def test_markdown_and_plot(tmp_path):
   cold = text[text.index('## recommendation, cold targets'):text.index('## search')]
   assert '| UniMP | 200 | 0.2500 |' in cold and '| popularity | 200 | 0.0000 |' in cold
   assert 'UniMP text only' not in cold  # only methods scored on cold targets
+  assert "| method | users | SSIM | user's colour shown |" in text
+  assert '| generation: tokenizer reconstruction of the target (ceiling) | 200 | 0.7000 | 0.8800 |' in text
   for needle in ('## recommendation', '## search', '## preference', '## selection', '| UniMP text only |',
                  '| popularity |', '*oracle HR@10*', '| 10.0000 |', 'HR@10 s.e.',
                  '| 0.0324 |', 'BLEU-4', 'hr10.png'):  # 0.0324 = sqrt(0.3 * 0.7 / 200), HR@10's s.e.

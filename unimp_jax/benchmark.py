@@ -34,7 +34,7 @@ from unimp_jax.baselines import attributes
 from unimp_jax.baselines import ratings as rating_baselines
 from unimp_jax.data import movielens, splits
 from unimp_jax.eval import evaluate, metrics, ranking
-from unimp_jax.tasks import selection
+from unimp_jax.tasks import generation, selection
 from unimp_jax.train import report, trainer
 
 # name -> (config.data.item_content, config.data.item_ids, config.model.item_embeddings). UniMP and its
@@ -102,6 +102,8 @@ def main(argv):
     cfg.data.item_content, cfg.data.item_ids, cfg.model.item_embeddings = content, item_ids, item_rows
     if item_ids == 'semantic':  # the next-item loss predicts one atomic id token
       cfg.train.next_item_weight = 0.0
+    if variant != 'UniMP':  # generation's history chunks answer with picture codes: others would read them
+      cfg.data.tasks.generation = 0.0
     trainer.say(f'==== {variant} ({content}, {item_ids} ids, {item_rows} item rows) ====')
     run = trainer.train(cfg, os.path.join(workdir, _slug(variant)))
     runs[variant] = run
@@ -111,6 +113,9 @@ def main(argv):
     results[variant] = evaluate.summaries(rows, run.builder)
     if variant == 'UniMP' and 'selection' in rows:
       results.update(selection_chance_rows(rows['selection']['positives'], run.builder.ids.num_slots))
+    if variant == 'UniMP' and 'generation' in rows:
+      results.update({f'generation: {name}': {'generation': scores} for name, scores in
+                      generation.reference_scores(run.builder, cfg.data.split, rows['generation']).items()})
     users = splits.split_users(run.builder.dataset, cfg.data.split, 'test')
     if not np.array_equal(rows['recommendation']['user'], users):  # the baselines' order
       raise RuntimeError(f'{variant}: evaluated users differ from the stage users; intervals would not be paired')

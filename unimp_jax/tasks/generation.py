@@ -109,6 +109,21 @@ def picture_scores(builder, users, targets, shown: np.ndarray) -> dict[str, floa
   return out
 
 
+def reference_scores(builder, split: str, rows) -> dict[str, dict[str, float]]:
+  """`picture_scores` of two references for the evaluation's users: the image tokenizer's reconstruction
+  of the target (the ceiling), and the most bought picture of the target's category (user-blind)."""
+  items = target_items(builder.dataset, rows['user'], rows['target'])
+  bought = np.bincount(np.concatenate(baselines.training_sequences(builder.dataset, split)),
+                       minlength=len(builder.dataset.items))
+  category = np.asarray([item.category for item in builder.dataset.items])
+  popular = {c: int(np.flatnonzero(category == c)[bought[category == c].argmax()]) for c in set(category)}
+  references = {
+      'tokenizer reconstruction of the target (ceiling)': pictures(builder, builder.image_codes[items]),
+      "most bought picture of the target's category (user-blind)":
+          builder.dataset.images([popular[c] for c in category[items]])}
+  return {name: picture_scores(builder, rows['user'], rows['target'], shown) for name, shown in references.items()}
+
+
 class Generation(base.Task):
   name = 'generation'
   instruction = 'Query: {query} What is the generated image ID to the query based on the history?'
@@ -138,21 +153,10 @@ class Generation(base.Task):
     return picture_scores(builder, rows['user'], rows['target'], pictures(builder, rows['codes']))
 
   def report_tables(self, predictor, split, rows):
-    """The same scores for two references on the same test users: the image tokenizer's reconstruction
-    of the target (the ceiling), and the most bought picture of the target's category (user-blind); the
-    judge's own held-out accuracy."""
+    """The references' scores on the same test users, and the judge's own held-out accuracy."""
     builder = predictor.builder
-    items = target_items(builder.dataset, rows['user'], rows['target'])
-    bought = np.bincount(np.concatenate(baselines.training_sequences(builder.dataset, split)),
-                         minlength=len(builder.dataset.items))
-    category = np.asarray([item.category for item in builder.dataset.items])
-    popular = {c: int(np.flatnonzero(category == c)[bought[category == c].argmax()]) for c in set(category)}
-    references = {
-        'tokenizer reconstruction of the target (ceiling)': pictures(builder, builder.image_codes[items]),
-        "most bought picture of the target's category (user-blind)":
-            builder.dataset.images([popular[c] for c in category[items]])}
-    tables = {f'generation reference: {name}': picture_scores(builder, rows['user'], rows['target'], shown)
-              for name, shown in references.items()}
+    tables = {f'generation reference: {name}': scores
+              for name, scores in reference_scores(builder, split, rows).items()}
     judge = _judge(builder.dataset.path)
     tables['generation judge (held-out item pictures)'] = {
         f'{head} accuracy': acc for head, acc in judge.accuracy.items()} | {

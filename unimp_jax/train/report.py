@@ -153,7 +153,7 @@ def benchmark_markdown(dataset_name: str, cfg, results: dict[str, dict], ceiling
               f'recommendation and on the rating columns of preference.']
   ranked_tasks = [f'{task}{kind}' for task in ('recommendation', 'search')
                   for kind in ('', ', warm targets', ', cold targets')]
-  for task in (*ranked_tasks, 'preference', 'selection'):
+  for task in (*ranked_tasks, 'preference', 'selection', 'generation'):
     scored = [(n, r[task]) for n, r in results.items() if task in r]
     if not scored:
       continue
