@@ -129,7 +129,7 @@ def check_request(num_items: int, num_slots: int, *, history=(), new_items=(), t
     raise InputError('--generate QUERY and --generate_out FILE.png go together')
   if generate and not image_codes:
     raise InputError('--generate: this run was trained without image codes (config.data.image_codes)')
-  if generate and len(history) > len([h for h in history if isinstance(h, int)]):
+  if generate and any(isinstance(h, NewItem) for h in history):
     raise InputError('--generate: a new item has no image codes; give catalogue items only')
   return {'history': history, 'rate': rate, 'select': select}
 

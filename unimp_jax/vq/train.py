@@ -14,6 +14,7 @@ WORKDIR/image_codes.safetensors holds every item's codes for `data.image_codes` 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import dm_pix
@@ -159,9 +160,14 @@ def load(workdir: str, step: int | None = None):
   return graphdef, checkpoint_lib.restore_params(directory, abstract, step=step), cfg
 
 
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _decode(graphdef, params, codes):
+  return nnx.merge(graphdef, params).decode(codes)
+
+
 def pictures_from_codes(graphdef, params, codes: np.ndarray) -> np.ndarray:
-  """uint8 pictures [N, H, W, 3] of codes int32 [N, h, w]."""
-  out = np.asarray(jax.jit(lambda c: nnx.merge(graphdef, params).decode(c))(codes))
+  """uint8 pictures [N, H, W, 3] of codes int32 [N, h, w] (compiled once per graphdef and shape)."""
+  out = np.asarray(_decode(graphdef, params, codes))
   return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
