@@ -213,6 +213,25 @@ def test_corrupted_steps_fall_back_to_the_previous_good_one(tmp_path, devices, c
   assert sorted(os.listdir(directory)) == ['1', '2', 'unrestorable']  # nothing moved when nothing restores
 
 
+def test_a_step_restored_with_nan_counts_as_damaged_and_is_set_aside(tmp_path, devices, caplog):
+  """Garbage in a data file can decode to NaN without a read error. Training never saves a non-finite
+  state, so a NaN read back means damage: that step is set aside and the previous one restored."""
+  caplog.set_level(logging.WARNING)
+  sharding = NamedSharding(jax.make_mesh((8,), ('data',), devices=devices), PartitionSpec('data'))
+  directory = str(tmp_path)
+  _save_steps(directory, [1], sharding)
+  damaged, w = _tiny_state(2, sharding), np.arange(32.0).reshape(8, 4) + 2
+  w[3, 1] = np.nan
+  damaged['params']['w'] = jax.device_put(w, sharding)
+  with checkpoint_lib.Checkpointer(directory, save_every=1, keep=10) as checkpointer:
+    checkpointer.save(2, damaged, data_iterator=iter(grain.MapDataset.range(100).batch(4).to_iter_dataset()))
+  state, step, position = _restore_with_position(directory, sharding)
+  assert (step, position) == (1, 1)
+  _assert_same_values(state, _tiny_state(1, sharding))
+  assert any("['params']['w'] holds NaN or inf" in r.getMessage() for r in caplog.records)
+  assert [n.split('-')[0] for n in os.listdir(f'{directory}/unrestorable')] == ['2']
+
+
 # Saves step 3 in a fresh process that dies (no cleanup, no exception handling) at the moment orbax
 # would rename the finished tmp folder into place: exactly what a preempted or killed run leaves.
 _KILLED_MID_SAVE = """

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 import grain
 import jax
 import jax.experimental.multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -132,7 +133,8 @@ class Checkpointer:
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       return ocp.args.Composite(**items)
 
-    restored, good_step, bad_steps = _restore_newest(self._manager, self.directory, args, step)
+    restored, good_step, bad_steps = _restore_newest(self._manager, self.directory, args, step,
+                                                     check=lambda items: _require_finite(items['state']))
     if bad_steps:
       self._set_aside(bad_steps)
     return restored['state'], good_step
@@ -283,15 +285,33 @@ def init_params(directory: str, params: dict, *, step: int | None = None) -> tup
 # Finding a step that restores
 # --------------------------------------------------------------------------------------------------
 
-def _restore_newest(manager: ocp.CheckpointManager, directory: str, make_args: Callable, step: int | None):
-  """(restored items, step, newer steps that failed). Tries `step` only, or every step newest first."""
+def _require_finite(state) -> None:
+  """Raises if a floating-point array of `state` holds NaN or inf. Training never saves such a state (its
+  step keeps the previous state when the update is not finite), so one read back means the files were
+  damaged after the save: e.g. garbage bytes in a data file decode to NaN without any read error."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if not np.issubdtype(leaf.dtype, np.inexact):
+      continue
+    # Each of this process's shards on its own device (a one-device op, whatever the mesh); one bool back.
+    shards = [s.data for s in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [leaf]
+    if not all(bool(jax.numpy.isfinite(x).all()) for x in shards):
+      raise CheckpointError(f'{jax.tree_util.keystr(path)} holds NaN or inf: the checkpoint files are damaged')
+
+
+def _restore_newest(manager: ocp.CheckpointManager, directory: str, make_args: Callable, step: int | None,
+                    check: Callable | None = None):
+  """(restored items, step, newer steps that failed). Tries `step` only, or every step newest first; a
+  step whose restored items `check` raises on counts as failed."""
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f'no checkpoint in {directory}')
   failures, last_error = [], None
   for candidate in steps:
     try:
-      return manager.restore(candidate, args=make_args()), candidate, [s for s, _ in failures]
+      restored = manager.restore(candidate, args=make_args())
+      if check is not None:
+        check(restored)
+      return restored, candidate, [s for s, _ in failures]
     except Exception as e:  # noqa: BLE001 -- any read error means "this step is unusable"; the next is tried
       reason, last_error = _one_line(e), e
       failures.append((candidate, reason))
