@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -293,3 +294,17 @@ def test_resume_refuses_a_changed_model_data_or_optimizer_key_naming_it(tmp_path
   pipeline.fit_model_to_dataset(longer, formats.UnifiedDataset(data))
   refused, allowed = config_lib.resume_changes(json.loads(json.dumps(cfg.to_dict())), longer)
   assert refused == [] and allowed == ['config.train.steps: 1000 in the checkpoint, 5000 now']
+
+
+def test_reading_another_runs_checkpoints_logs_no_read_only_warning(tmp_path, devices, caplog):
+  """Orbax warns "Given directory is read only" for every read-only manager: noise in predict, evaluate
+  and the main job when they read a run's (or the image tokenizer's) checkpoints."""
+  sharding = NamedSharding(jax.make_mesh((8,), ('data',), devices=devices), PartitionSpec('data'))
+  _save_steps(str(tmp_path), [1], sharding)
+  caplog.set_level(logging.WARNING)
+  ocp.CheckpointManager(str(tmp_path), options=ocp.CheckpointManagerOptions(read_only=True, create=False)).close()
+  assert any('read only' in r.getMessage() for r in caplog.records)  # what orbax says on its own
+  caplog.clear()
+  checkpoint_lib.stored_param_shapes(str(tmp_path))
+  checkpoint_lib.restore_params(str(tmp_path), _abstract(_tiny_state(0, sharding))['params'])
+  assert not any('read only' in r.getMessage() for r in caplog.records)

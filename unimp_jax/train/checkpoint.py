@@ -174,11 +174,22 @@ class Checkpointer:
     self._manager.reload()
 
 
+def _read_only(directory: str, **kw) -> ocp.CheckpointManager:
+  """A read-only manager of another run's (or a finished run's) directory. Orbax warns "Given directory
+  is read only" whenever one is made, which is what is asked for here: the warning is kept out of logs."""
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, save_interval_steps=0, create=False), **kw)
+  finally:
+    logging.set_verbosity(previous)
+
+
 def read_config(directory: str, step: int | None = None) -> dict:
   """The config saved with `step` (default: the newest) of a Checkpointer directory, read-only."""
   directory = os.path.abspath(directory)
-  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  with _read_only(directory) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {directory}')
@@ -201,8 +212,7 @@ def restore_params(directory: str, abstract_params, *, step: int | None = None):
     return ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
 
-  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  with _read_only(directory) as manager:
     restored, good_step, _ = _restore_newest(manager, directory, args, step)
   params = restored['state']['params']
   # A partial restore leaves a parameter the checkpoint lacks as its abstract placeholder.
@@ -223,9 +233,7 @@ def stored_param_shapes(directory: str, step: int | None = None) -> dict[str, tu
   """{'lm/added_embed': shape, ...}: every parameter a Checkpointer directory's `step` (default: the
   newest) holds, from its metadata (nothing is read but the metadata)."""
   directory = os.path.abspath(directory)
-  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  with ocp.CheckpointManager(directory, options=options,
-                             item_handlers={'state': ocp.PyTreeCheckpointHandler()}) as manager:
+  with _read_only(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()}) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {directory}')
