@@ -126,8 +126,14 @@ def colour_agreement(top_items: np.ndarray, histories: list[np.ndarray], item_co
   dataset's hidden colours (`extra.item_colour`), so it shows whether a ranker follows what only the
   pictures show; a ranker blind to colour scores about the catalogue share of that colour."""
   item_colour = np.asarray(item_colour)
-  favourite = np.asarray([np.bincount(item_colour[h], minlength=item_colour.max() + 1).argmax() for h in histories])
-  return float((item_colour[np.asarray(top_items)] == favourite[:, None]).mean())
+  return float((item_colour[np.asarray(top_items)] == favourite_colours(histories, item_colour)[:, None]).mean())
+
+
+def favourite_colours(histories: list[np.ndarray], item_colour: np.ndarray) -> np.ndarray:
+  """Each history's most frequent item colour (ties: the lowest colour index)."""
+  item_colour = np.asarray(item_colour)
+  return np.asarray([np.bincount(item_colour[np.asarray(h, np.int64)], minlength=item_colour.max() + 1).argmax()
+                     for h in histories])
 
 
 def paired_bootstrap(a, b, *, samples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:

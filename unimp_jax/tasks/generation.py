@@ -21,7 +21,7 @@ from PIL import Image
 
 from unimp_jax import baselines
 from unimp_jax.data import formats, splits
-from unimp_jax.eval import generate
+from unimp_jax.eval import generate, metrics
 from unimp_jax.tasks import base
 from unimp_jax.vq import judge as judge_lib
 from unimp_jax.vq import train as vq_train
@@ -100,8 +100,8 @@ def picture_scores(builder, users, targets, shown: np.ndarray) -> dict[str, floa
          'category shown': float((seen['category'] == labels['category'][1][items]).mean())}
   if 'colour' in seen:
     colour = labels['colour'][1]
-    favourite = np.asarray([np.bincount(colour[[i.item for i in dataset.user(int(u)).interactions[:int(t)]]],
-                                        minlength=len(labels['colour'][0])).argmax() for u, t in zip(users, targets)])
+    histories = [[i.item for i in dataset.user(int(u)).interactions[:int(t)]] for u, t in zip(users, targets)]
+    favourite = metrics.favourite_colours(histories, colour)
     out["user's colour shown"] = float((seen['colour'] == favourite).mean())
     out["target's colour shown"] = float((seen['colour'] == colour[items]).mean())
   out['Fréchet distance (judge features)'] = judge_lib.frechet_distance(judge.features(shown), judge.features(real))
