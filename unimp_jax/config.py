@@ -138,6 +138,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.probe_data = ''  # a catalogue whose pictures stage 1's report probes (unimp_jax.tasks.caption)
+  # Validation during training (unimp_jax.train.trainer): every `every` steps (0: never) the first `users`
+  # validation users are scored on `metric` ('task/metric', as the report names it); that step is saved with
+  # its score, the best step is kept and evaluated and served in the end, and a run stops early after
+  # `patience` evaluations without a better score (0: never).
+  c.eval.every = 0
+  c.eval.users = 500
+  c.eval.metric = 'recommendation/HR@10'
+  c.eval.mode = 'max'                # 'min' for a metric where lower is better (preference/RMSE)
+  c.eval.patience = 0
   return c
 
 
@@ -184,6 +193,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
               'checkpoint.every': cfg.checkpoint.every, 'checkpoint.keep': cfg.checkpoint.keep}
   for key, value in positive.items():
     _check(value >= 1, key, f'{value}: must be >= 1')
+  e = cfg.eval
+  _check(e.every >= 0 and e.patience >= 0 and e.users >= 1, 'eval',
+         f'every={e.every}, patience={e.patience}, users={e.users}: every and patience >= 0, users >= 1')
+  _check_choice(cfg, 'eval.mode', ('max', 'min'))
+  task, _, metric = e.metric.partition('/')
+  _check(task in tasks.EVALUATED and metric, 'eval.metric',
+         f"{e.metric!r}: 'task/metric' with a task of {tasks.EVALUATED}, e.g. 'recommendation/HR@10'")
+  _check(not e.every or cfg.data.tasks[task] > 0, 'eval.metric', f'{e.metric!r}: the run does not train {task}')
   _check(cfg.data.num_images >= 0, 'data.num_images', f'{cfg.data.num_images}: must be >= 0')
   _check(cfg.data.tasks.generation == 0 or cfg.data.image_codes, 'data.image_codes',
          'the generation task answers with image codes: name the image_codes.safetensors that '

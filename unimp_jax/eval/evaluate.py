@@ -117,11 +117,11 @@ def summaries(rows_by_task: dict[str, dict[str, np.ndarray]],
 
 def evaluate_rows(graphdef, params, builder: prompts.TaskBuilder, *, split: str, stage: str = 'test',
                   batch_size: int, tasks_to_run=tasks.EVALUATED, ranking_method: str | None = None, seed: int = 0,
-                  negatives: int = 0, process_index: int | None = None,
+                  negatives: int = 0, max_users: int | None = None, process_index: int | None = None,
                   process_count: int | None = None) -> dict[str, dict[str, np.ndarray]]:
-  """{task: one row per user} over all users of the stage (every process gets all rows), this process
-  evaluating its share. Ranking defaults to `full` for atomic ids and `beam` for semantic ones;
-  `negatives` as in `task_rows`."""
+  """{task: one row per user} over all users of the stage (or its first `max_users`; every process gets
+  all rows), this process evaluating its share. Ranking defaults to `full` for atomic ids and `beam` for
+  semantic ones; `negatives` as in `task_rows`."""
   if ranking_method is None:
     ranking_method = 'full' if builder.item_tokens.shape[1] == 1 else 'beam'
   if process_count is None:
@@ -130,7 +130,7 @@ def evaluate_rows(graphdef, params, builder: prompts.TaskBuilder, *, split: str,
     # process evaluates every user (correct, redundant; a global-batch evaluation would share the work).
     whole = all(x.is_fully_addressable for x in jax.tree.leaves(params))
     process_index, process_count = (jax.process_index(), jax.process_count()) if whole else (0, 1)
-  users = splits.split_users(builder.dataset, split, stage)
+  users = splits.split_users(builder.dataset, split, stage)[:max_users]
   out = {}
   for task in tasks_to_run:
     eligible = np.asarray([u for u in users if tasks.TASKS[task].available(builder, builder.dataset.user(int(u)))],

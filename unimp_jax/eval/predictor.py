@@ -155,8 +155,10 @@ class Predictor:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> 'Predictor':
-    """The newest (or `step`) checkpoint of a main-job or benchmark run directory."""
+    """A main-job or benchmark run directory's checkpoint at `step`; by default the step the run hands on
+    (the best by its validation score with `eval.every`, else the newest: checkpoint.served_step)."""
     directory = os.path.join(workdir, 'checkpoints')
+    step = checkpoint_lib.served_step(directory) if step is None else step
     cfg = run_config(workdir, step)
     dataset = formats.UnifiedDataset(cfg.data.path)
     pipeline.fit_model_to_dataset(cfg, dataset)

@@ -174,14 +174,14 @@ class Checkpointer:
     self._manager.reload()
 
 
-def _read_only(directory: str, **kw) -> ocp.CheckpointManager:
+def _read_only(directory: str, best_fn=None, best_mode: str = 'max', **kw) -> ocp.CheckpointManager:
   """A read-only manager of another run's (or a finished run's) directory. Orbax warns "Given directory
   is read only" whenever one is made, which is what is asked for here: the warning is kept out of logs."""
   previous = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
   try:
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, save_interval_steps=0, create=False), **kw)
+        read_only=True, save_interval_steps=0, create=False, best_fn=best_fn, best_mode=best_mode), **kw)
   finally:
     logging.set_verbosity(previous)
 
@@ -194,6 +194,17 @@ def read_config(directory: str, step: int | None = None) -> dict:
     if step is None:
       raise CheckpointError(f'no checkpoint in {directory}')
     return dict(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
+
+
+def served_step(directory: str) -> int:
+  """The step a finished run is evaluated and served from: the best by the validation score the run kept
+  (config `eval`, the score saved with every evaluated step: unimp_jax.train.trainer), else the newest.
+  The same choice as the training run's own Checkpointer (orbax's `best_step`)."""
+  evaluation = read_config(directory).get('eval', {})
+  key = f'valid/{evaluation.get("metric")}'
+  best_fn = (lambda metrics: metrics[key]) if evaluation.get('every') else None
+  with _read_only(os.path.abspath(directory), best_fn=best_fn, best_mode=evaluation.get('mode', 'max')) as manager:
+    return manager.best_step()
 
 
 def restore_params(directory: str, abstract_params, *, step: int | None = None):

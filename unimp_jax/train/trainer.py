@@ -3,6 +3,11 @@
 A run is resumable exactly: the train state and the Grain iterator position are saved together, and
 every batch is a pure function of (seed, epoch, user), so a restarted run (after a crash, SIGKILL or
 SIGTERM) continues with the same batches and, on CPU, bit-identical losses.
+
+With `eval.every` the run is scored on validation users while it trains, and the step it hands on is the
+best one: a model that fits its training users ever more closely can get worse on new ones
+(docs/BENCHMARKS.md, "47 times the training examples"). Early stopping (`eval.patience`) is a function of
+the saved scores alone, so it resumes exactly too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flax import nnx
 
 from unimp_jax import config as config_lib
 from unimp_jax.data import pipeline, prompts
+from unimp_jax.eval import evaluate
 from unimp_jax.hf import pretrained as pretrained_lib
 from unimp_jax.model import items, unimp
 from unimp_jax.sharding import mesh as mesh_lib
@@ -44,6 +50,7 @@ class Run:
   builder: prompts.TaskBuilder
   last_step: int
   stopped_by_signal: bool
+  state_step: int  # the step `state` is from: the best validation step with `eval.every`, else `last_step`
 
   @functools.cached_property
   def params(self) -> dict:
@@ -54,6 +61,16 @@ class Run:
 def say(message: str) -> None:
   if jax.process_index() == 0:
     tqdm.tqdm.write(message)
+
+
+def validation_metrics(cfg, graphdef, params, builder: prompts.TaskBuilder) -> dict[str, float]:
+  """{'valid/TASK/METRIC': value} of `eval.metric`'s task on the first `eval.users` validation users (never
+  trained on), warm and cold targets included ('valid/TASK, warm targets/HR@10')."""
+  task = cfg.eval.metric.split('/')[0]
+  results = evaluate.evaluate(graphdef, items.inference_params(graphdef, params, builder), builder,
+                              split=cfg.data.split, stage='valid', batch_size=cfg.data.batch_size,
+                              tasks_to_run=(task,), max_users=cfg.eval.users)
+  return {f'valid/{name}/{k}': float(v) for name, m in results.items() for k, v in m.items() if k != 'users'}
 
 
 def train(cfg, workdir: str) -> Run:
@@ -76,7 +93,8 @@ def train(cfg, workdir: str) -> Run:
   # from (and saved in the workdir), while a resumed run reloads its saved ids before its data position.
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-      async_save=cfg.checkpoint.async_save)
+      async_save=cfg.checkpoint.async_save, best_metric=f'valid/{cfg.eval.metric}' if cfg.eval.every else None,
+      best_mode=cfg.eval.mode)
   if checkpointer.latest_step() is not None:
     refused, allowed = config_lib.resume_changes(checkpointer.restore_config(), cfg)
     if refused:  # e.g. another batch size would silently skip examples: the data position counts batches
@@ -132,10 +150,15 @@ def train(cfg, workdir: str) -> Run:
   writer = metrics_lib.MetricsWriter(workdir)
   progress = tqdm.tqdm(total=cfg.train.steps, initial=start, desc='train', dynamic_ncols=True,
                        disable=jax.process_index() != 0)
+
+  def out_of_patience(at: int) -> bool:  # early stopping, from the saved scores alone (so a resumed run agrees)
+    best = checkpointer.best_step() if cfg.eval.every and cfg.eval.patience else None
+    return best is not None and at - best >= cfg.eval.patience * cfg.eval.every
+
   step, local = start, first
   try:
     with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
-      while step < cfg.train.steps and not stop['signal']:
+      while step < cfg.train.steps and not stop['signal'] and not out_of_patience(step):
         begin = time.perf_counter()
         batch = pipeline.global_batch(step_lib.step_inputs(local), mesh, cfg.mesh.rules)
         state, metrics = compiled(state, batch, catalogue)
@@ -152,17 +175,30 @@ def train(cfg, workdir: str) -> Run:
         mfu = metrics_lib.mfu(flops_per_step, seconds, jax.device_count(), jax.devices()[0].device_kind)
         if mfu is not None:
           scalars['mfu'] = mfu
-        if checkpointer.should_save(step) or stop['signal'] or step == cfg.train.steps:
+        valid = None
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+          valid = validation_metrics(cfg, graphdef, state['params'], builder)
+          scalars.update(valid)
+          say(f'step {step}: validation {cfg.eval.metric} {valid[f"valid/{cfg.eval.metric}"]:.4f}')
+        if valid is not None or checkpointer.should_save(step) or stop['signal'] or step == cfg.train.steps:
           begin = time.perf_counter()
-          checkpointer.save(step, state, data_iterator=batches, config=cfg, force=True)
+          checkpointer.save(step, state, data_iterator=batches, config=cfg, metrics=valid, force=True)
           scalars['checkpoint_blocking_seconds'] = time.perf_counter() - begin  # the rest is asynchronous
         writer.write(step, scalars)
         progress.update(1)
         if step % cfg.train.log_every == 0 or step == 1:
           progress.set_postfix(loss=f'{scalars["loss"]:.3f}', grad_norm=f'{scalars["grad_norm"]:.2f}',
                                tokens_per_s=f'{scalars["tokens_per_second"]:.0f}')
-        if step < cfg.train.steps and not stop['signal']:
+        if step < cfg.train.steps and not stop['signal'] and not out_of_patience(step):
           local = next(batches)
+    if out_of_patience(step):
+      say(f'stopped early at step {step}: validation {cfg.eval.metric} has not improved for {cfg.eval.patience} '
+          'evaluations (eval.patience)')
+    state_step = step
+    best = checkpointer.best_step() if cfg.eval.every else None
+    if best is not None and best != step and not stop['signal']:
+      say(f'the best validation {cfg.eval.metric} is step {best}\'s: it is the step evaluated and served')
+      state, state_step = checkpointer.restore(abstract_state, step=best)
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
@@ -171,4 +207,4 @@ def train(cfg, workdir: str) -> Run:
     checkpointer.close()
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(cfg.to_dict(), f, indent=2, default=str)
-  return Run(cfg, mesh, graphdef, state, builder, step, stop['signal'])
+  return Run(cfg, mesh, graphdef, state, builder, step, stop['signal'], state_step)
