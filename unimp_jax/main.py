@@ -62,10 +62,10 @@ def main(argv):
     sections += tasks.TASKS[name].gallery(predictor, cfg.data.split, workdir, GALLERY_USERS)
 
   extra = builder.dataset.manifest['extra']
-  summary = {'steps': run.last_step, **({'step evaluated (the best validation ' + cfg.eval.metric + ')': run.state_step}
-                                        if run.state_step != run.last_step else {}),
-             'dataset': builder.dataset.path, 'items': len(builder.dataset.items),
+  summary = {'steps': run.last_step, 'dataset': builder.dataset.path, 'items': len(builder.dataset.items),
              'users': builder.dataset.num_users, 'parameters': sum(x.size for x in jax.tree.leaves(params))}
+  if run.state_step != run.last_step:
+    summary[f'step evaluated (the best validation {cfg.eval.metric})'] = run.state_step
   if 'oracle_hr@10' in extra:
     summary.update({'oracle HR@10 (dataset ceiling)': extra['oracle_hr@10'],
                     'colour-blind oracle HR@10 (true tastes without colour)': extra['colour_blind_hr@10']})
