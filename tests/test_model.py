@@ -168,3 +168,24 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert logits_low.dtype == jnp.float32
   assert np.abs(logits_low - logits).max() < 0.05 * np.abs(logits).max()
   assert np.abs(logits_low - logits).max() > 0  # the low-precision path really ran
+
+
+def test_dropout_acts_only_in_training_and_draws_its_masks_from_the_key():
+  tokens, images = _batch(length=24, image_positions=(3, 12), num_images=2)
+  _, state = nnx.split(_model(alpha=0.5))
+  cfg = config_lib.base_config()
+  cfg.model.lm.dropout = 0.3
+  dropping = unimp.abstract_model(cfg.model)[0]
+  forward = jax.jit(lambda graphdef, key: nnx.merge(graphdef, state)(tokens, images, dropout_key=key),
+                    static_argnums=0)
+  plain = np.asarray(forward(_graphdef(), None))
+  np.testing.assert_array_equal(np.asarray(forward(dropping, None)), plain)  # inference: no dropout
+  np.testing.assert_array_equal(np.asarray(forward(_graphdef(), jax.random.key(1))), plain)  # rate 0
+  one = np.asarray(forward(dropping, jax.random.key(1)))
+  np.testing.assert_array_equal(np.asarray(forward(dropping, jax.random.key(1))), one)
+  assert np.abs(one - plain).max() > 1e-2 and np.abs(np.asarray(forward(dropping, jax.random.key(2))) - one).max() > 1e-2
+  # Inverted dropout: a share `rate` of the units zeroed, the rest scaled by 1 / (1 - rate).
+  from unimp_jax.model import layers
+  out = np.asarray(layers.dropout(jnp.ones(200_000), 0.3, jax.random.key(0)))
+  assert set(np.unique(out).tolist()) == {0.0, np.float32(1 / 0.7)}
+  assert abs((out == 0).mean() - 0.3) < 0.005

@@ -57,7 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
       added_vocab_size=16,
       width=128, mlp_dim=352, num_layers=4, num_heads=4, num_kv_heads=4, rope_theta=10000.0,
       norm_eps=1e-6, tie_embeddings=False, qkv_bias=False,  # qkv_bias: Qwen2's q/k/v projections
-      cross_attn_every=2, media_mask='previous', alpha_type='float', alpha_init=0.0, qk_norm=False))
+      cross_attn_every=2, media_mask='previous', alpha_type='float', alpha_init=0.0, qk_norm=False,
+      # Residual dropout in training (token embeddings and every attention and MLP output of the LM);
+      # Llama and IDEFICS train without it. Against memorising the training users (eval.every).
+      dropout=0.0))
   c.model.image_token_id = c.model.lm.get_ref('vocab_size')
   # 'content': an item token's embedding and head row are computed from the item's picture and text by
   # the model's own towers (unimp_jax.model.items), so items are ranked by what they are and new items
@@ -84,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_images = 5     # image slots per example
   c.data.history = 10       # most recent items in a prompt (fewer when seq_len or num_images run out)
   c.data.workers = 0        # Grain worker processes (0: in the training process)
+  c.data.train_users = 0    # train on the split's first N training users only (0: all): learning curves by data size
   # What an item chunk shows: 'image+text' (UniMP), 'text' (no pictures; the model runs without images)
   # or 'ids' (only the item's id tokens: the history is the id sequence). See unimp_jax.data.prompts.
   c.data.item_content = 'image+text'
@@ -180,6 +184,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   _check((lm.width // lm.num_heads) % 2 == 0, 'model.lm.num_heads', 'rotary embeddings need an even head dim')
   _check(lm.num_layers % lm.cross_attn_every == 0, 'model.lm.cross_attn_every',
          f'model.lm.num_layers={lm.num_layers} is not a multiple of {lm.cross_attn_every}')
+  _check(0 <= lm.dropout < 1, 'model.lm.dropout', f'{lm.dropout}: must be in [0, 1)')
   _check(lm.added_vocab_size >= 1, 'model.lm.added_vocab_size', 'must be >= 1: `<image>` is an added token')
   _check(0 <= m.image_token_id < lm.vocab_size + lm.added_vocab_size, 'model.image_token_id',
          f'{m.image_token_id} is outside the vocabulary [0, {lm.vocab_size + lm.added_vocab_size})')
@@ -201,6 +206,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   _check(task in tasks.EVALUATED and metric, 'eval.metric',
          f"{e.metric!r}: 'task/metric' with a task of {tasks.EVALUATED}, e.g. 'recommendation/HR@10'")
   _check(not e.every or cfg.data.tasks[task] > 0, 'eval.metric', f'{e.metric!r}: the run does not train {task}')
+  _check(cfg.data.train_users >= 0, 'data.train_users', f'{cfg.data.train_users}: must be >= 0 (0: every user)')
   _check(cfg.data.num_images >= 0, 'data.num_images', f'{cfg.data.num_images}: must be >= 0')
   _check(cfg.data.tasks.generation == 0 or cfg.data.image_codes, 'data.image_codes',
          'the generation task answers with image codes: name the image_codes.safetensors that '

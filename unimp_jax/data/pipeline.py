@@ -79,7 +79,8 @@ def epoch_units(dataset: formats.UnifiedDataset, data_cfg, stage: str) -> np.nda
   if stage1:
     pictures = np.flatnonzero([item.has_image for item in dataset.items])
     return pictures if stage == 'train' else pictures[:0]
-  return splits.split_users(dataset, data_cfg.split, stage)
+  users = splits.split_users(dataset, data_cfg.split, stage)
+  return users[:data_cfg.train_users or None] if stage == 'train' else users
 
 
 def make_dataset(builder: prompts.TaskBuilder, data_cfg, *, seed: int, stage: str = 'train',

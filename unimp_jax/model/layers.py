@@ -118,6 +118,19 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
   return out.reshape(b, t, h, d)
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity without a key (inference) or at rate 0."""
+  if key is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_keys(key: jax.Array | None, num: int):
+  """`num` dropout keys (for the branches of a layer, or one per scanned layer); Nones without a key."""
+  return (None,) * num if key is None else jax.random.split(key, num)
+
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,

@@ -35,7 +35,7 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
     d, hd = cfg.width, cfg.width // cfg.num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-    self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+    self.num_heads, self.num_kv_heads, self.dropout = cfg.num_heads, cfg.num_kv_heads, cfg.dropout
     self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     bias = cfg.qkv_bias
     self.q = layers.Dense(d, cfg.num_heads * hd, ('embed', 'heads'), use_bias=bias, **kw)
@@ -45,9 +45,10 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     self.mlp = SwiGLU(d, cfg.mlp_dim, **kw)
 
-  def __call__(self, x_btd, *, rope_tables, mask_bts, cache_kv=None, cache_index=None):
+  def __call__(self, x_btd, *, rope_tables, mask_bts, cache_kv=None, cache_index=None, dropout_key=None):
     """With `cache_kv` ([B, T, K, hd] pair), writes this chunk's keys/values at `cache_index` and attends
-    over the whole cache; returns the updated pair (or None without a cache)."""
+    over the whole cache; returns the updated pair (or None without a cache). `dropout_key`: training."""
+    keys = layers.split_keys(dropout_key, 2)
     b, t, _ = x_btd.shape
     h = self.attn_norm(x_btd)
     q = layers.rope(self.q(h).reshape(b, t, self.num_heads, -1), rope_tables)
@@ -57,8 +58,8 @@ class DecoderLayer(nnx.Module):
       k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
     out = layers.attention(constrain(q, ('act_batch', 'act_seq', 'act_heads', None)), k, v, mask_bts)
-    x_btd = x_btd + self.o(out.reshape(b, t, -1))
-    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    x_btd = x_btd + layers.dropout(self.o(out.reshape(b, t, -1)), self.dropout, keys[0])
+    x_btd = x_btd + layers.dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout, keys[1])
     return constrain(x_btd, ACT_BTD), (None if cache_kv is None else (k, v))
 
 
@@ -75,7 +76,7 @@ class GatedCrossAttention(nnx.Module):
   def __init__(self, cfg, vision_width: int, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
     d, hd = cfg.width, cfg.width // cfg.num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-    self.num_heads, self.dtype = cfg.num_heads, dtype
+    self.num_heads, self.dtype, self.dropout = cfg.num_heads, dtype, cfg.dropout
     self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     self.q = layers.Dense(d, cfg.num_heads * hd, ('embed', 'heads'), **kw)
     self.k = layers.Dense(vision_width, cfg.num_heads * hd, ('embed', 'heads'), **kw)
@@ -97,15 +98,16 @@ class GatedCrossAttention(nnx.Module):
     v = self.v(latents_bmd).reshape(b, m, self.num_heads, -1)
     return (k if self.k_norm is None else self.k_norm(k)), v
 
-  def __call__(self, x_btd, k_bmhd, v_bmhd, mask_btm, gate_bt):
+  def __call__(self, x_btd, k_bmhd, v_bmhd, mask_btm, gate_bt, dropout_key=None):
     b, t, _ = x_btd.shape
+    keys = layers.split_keys(dropout_key, 2)
     q = self.q(self.attn_norm(x_btd)).reshape(b, t, self.num_heads, -1)
     if self.q_norm is not None:
       q = self.q_norm(q)
     out = self.o(layers.attention(q, k_bmhd, v_bmhd, mask_btm).reshape(b, t, -1))
-    out = out * gate_bt[..., None].astype(out.dtype)
+    out = layers.dropout(out * gate_bt[..., None].astype(out.dtype), self.dropout, keys[0])
     x_btd = x_btd + jnp.tanh(self.alpha_attn[...].astype(self.dtype)) * out
-    mlp = self.mlp(self.mlp_norm(x_btd))
+    mlp = layers.dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout, keys[1])
     return x_btd + jnp.tanh(self.alpha_mlp[...].astype(self.dtype)) * mlp
 
 
@@ -128,7 +130,7 @@ class LanguageModel(nnx.Module):
   def __init__(self, cfg, vision_width: int, *, dtype, param_dtype, remat: str, rngs: nnx.Rngs):
     d, v, a = cfg.width, cfg.vocab_size, cfg.added_vocab_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.vocab_size, self.dtype, self.remat = v, dtype, remat
+    self.vocab_size, self.dtype, self.remat, self.dropout = v, dtype, remat, cfg.dropout
     self.head_dim, self.rope_theta = d // cfg.num_heads, cfg.rope_theta
     num_groups = cfg.num_layers // cfg.cross_attn_every
     self.cache_dims = (num_groups, cfg.cross_attn_every, cfg.num_kv_heads, d // cfg.num_heads)
@@ -163,29 +165,38 @@ class LanguageModel(nnx.Module):
     return constrain(out, ('act_batch', 'act_seq', 'act_vocab'))
 
   def __call__(self, x_btd, *, positions_bt, mask_bts, latents_bmd=None, cross_kv=None, cross_mask_btm=None,
-               cache_kv=None, cache_index=None):
+               cache_kv=None, cache_index=None, dropout_key=None):
     """Runs every group. Image input is either `latents_bmd` (keys/values projected here) or `cross_kv`
     (projected earlier, [G, B, M, H, hd] pair); with neither, the cross-attention blocks are skipped and
-    this is the plain text LM. Returns (hidden, self-attention caches, cross keys/values)."""
+    this is the plain text LM. `dropout_key` (training only) turns on `dropout`. Returns (hidden,
+    self-attention caches, cross keys/values)."""
+    embed_key, groups_key = layers.split_keys(dropout_key, 2)
+    x_btd = layers.dropout(x_btd, self.dropout, embed_key)
+    num_groups, per_group = self.cache_dims[:2]
     use_images = latents_bmd is not None or cross_kv is not None
     gate_bt = cross_mask_btm.any(-1) if use_images else None
     collect_cross = cache_kv is not None and cross_kv is None and use_images
     rope_tables = layers.rope_tables(positions_bt, self.head_dim, self.rope_theta)
 
     def group_step(group, x, xs):
-      self_kv, group_cross_kv = xs
+      self_kv, group_cross_kv, group_key = xs
+      cross_key, layers_key = layers.split_keys(group_key, 2)
       new_cross = None
       if use_images:
         k, v = group_cross_kv if group_cross_kv is not None else group.cross.project_kv(latents_bmd)
-        x = group.cross(x, k, v, cross_mask_btm, gate_bt)
+        x = group.cross(x, k, v, cross_mask_btm, gate_bt, cross_key)
         new_cross = (k, v) if collect_cross else None
 
-      def layer_step(layer, x, kv):
-        return layer(x, rope_tables=rope_tables, mask_bts=mask_bts, cache_kv=kv, cache_index=cache_index)
+      def layer_step(layer, x, xs):
+        kv, key = xs
+        return layer(x, rope_tables=rope_tables, mask_bts=mask_bts, cache_kv=kv, cache_index=cache_index,
+                     dropout_key=key)
 
-      x, new_self_kv = layers.scan(group.layers, layer_step, x, self_kv)
+      layer_keys = None if layers_key is None else jax.random.split(layers_key, per_group)
+      x, new_self_kv = layers.scan(group.layers, layer_step, x, (self_kv, layer_keys))
       return x, (new_self_kv, new_cross)
 
+    group_keys = None if groups_key is None else jax.random.split(groups_key, num_groups)
     x_btd, (new_cache_kv, new_cross_kv) = layers.scan(
-        self.groups, group_step, x_btd, (cache_kv, cross_kv), remat=self.remat)
+        self.groups, group_step, x_btd, (cache_kv, cross_kv, group_keys), remat=self.remat)
     return x_btd, new_cache_kv, new_cross_kv

@@ -70,12 +70,12 @@ class UniMP(nnx.Module):
     return self.connector(tokens).reshape(b, n * self.num_latents, -1)
 
   def __call__(self, tokens_bt: jax.Array, images_bnhwc: jax.Array | None = None,
-               attention_mask_bt: jax.Array | None = None) -> jax.Array:
+               attention_mask_bt: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
     """Full forward pass -> float32 logits [B, T, vocab + added vocab].
 
     `attention_mask_bt` marks real tokens (False: padding); positions count real tokens only, so left
     and right padding give the same logits at real tokens. Without images the cross-attention blocks are
-    skipped: the result is the text-only LM.
+    skipped: the result is the text-only LM. `dropout_key` (training) turns on `model.lm.dropout`.
     """
     b, t = tokens_bt.shape
     valid_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
@@ -87,7 +87,7 @@ class UniMP(nnx.Module):
       media = media_index(tokens_bt, self.image_token_id)
       cross_mask = cross_attention_mask(media, images_bnhwc.shape[1], self.num_latents, self.media_mask)
     x, _, _ = self.lm(self.lm.embed_tokens(tokens_bt), positions_bt=positions_bt, mask_bts=mask_bts,
-                      latents_bmd=latents, cross_mask_btm=cross_mask)
+                      latents_bmd=latents, cross_mask_btm=cross_mask, dropout_key=dropout_key)
     return self.lm.logits(x)
 
   # ------------------------------------------------------------------------------------------------

@@ -54,31 +54,34 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int, excluded=None):
   """`(params, batch, catalogue=None) -> (grads, sums)`: mean gradient over the batch's supervised
   tokens, accumulated over `train.microbatches` micro-batches by `lax.scan` (sums first, one division at
   the end). `catalogue` (TaskBuilder.catalogue().arrays()) feeds content item rows (unimp_jax.model.items);
-  the token ids `excluded` are left out of the softmax (`excluded_tokens`)."""
+  the token ids `excluded` are left out of the softmax (`excluded_tokens`). `key` drives dropout
+  (`model.lm.dropout`), one key per micro-batch."""
   num_tasks = len(tasks.NAMES)
 
-  def objective(params, micro, catalogue):
+  def objective(params, micro, catalogue, key):
     tokens = micro['tokens']
     images = vision.normalize(micro['images']) if 'images' in micro else None
     params = items.with_item_rows(graphdef, params, catalogue, pad_id=pad_id)
-    logits = nnx.merge(graphdef, params)(tokens, images, tokens != pad_id)
+    logits = nnx.merge(graphdef, params)(tokens, images, tokens != pad_id, dropout_key=key)
     out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
                                 num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss,
                                 next_items_bt=micro.get('next_items'), next_item_weight=train_cfg.next_item_weight,
                                 excluded=excluded)
     return out['objective'], out
 
-  def gradients(params, batch, catalogue=None):
+  def gradients(params, batch, catalogue=None, key=None):
     m = train_cfg.microbatches
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), step_inputs(batch))
+    keys = None if key is None else jax.random.split(key, m)
 
-    def accumulate(carry, mb):
-      (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params, mb, catalogue)
+    def accumulate(carry, xs):
+      mb, k = xs
+      (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params, mb, catalogue, k)
       return jax.tree.map(jnp.add, carry, (grads, out)), None
 
-    sums_shape = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], micro), catalogue)[1])
+    sums_shape = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], micro), catalogue, None)[1])
     init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
-    (grad_sum, sums), _ = jax.lax.scan(accumulate, init, micro)
+    (grad_sum, sums), _ = jax.lax.scan(accumulate, init, (micro, keys))
     return jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grad_sum), sums
 
   return gradients
@@ -94,9 +97,10 @@ def excluded_tokens(train_cfg, builder) -> np.ndarray | None:
   return builder.item_tokens[cold, 0]
 
 
-def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding, excluded=None):
+def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sharding, excluded=None, seed=0):
   """`step(state, batch, catalogue) -> (state, metrics)`, jitted, donating the old state;
   `catalogue` as in `accumulated_gradients` (None for learned item rows), `excluded` its `excluded_tokens`.
+  Dropout masks are a function of (`seed`, step), so a resumed run draws the same ones.
 
   A non-finite loss or gradient leaves the state unchanged and reports `finite = False`; the trainer
   stops and keeps the last good checkpoint.
@@ -105,7 +109,7 @@ def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sh
 
   def step(state, batch, catalogue):
     params = state['params']
-    grads, sums = gradients(params, batch, catalogue)
+    grads, sums = gradients(params, batch, catalogue, jax.random.fold_in(jax.random.key(seed), state['step']))
     loss = sums['objective'] / jnp.maximum(sums['tokens'], 1.0)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)

@@ -132,7 +132,7 @@ def train(cfg, workdir: str) -> Run:
   train_step = step_lib.make_train_step(
       graphdef, tx, cfg.train, pad_id=builder.pad, shardings=shardings,
       batch_sharding=step_lib.batch_shardings(mesh, cfg.mesh.rules, batch_spec),
-      excluded=step_lib.excluded_tokens(cfg.train, builder))
+      excluded=step_lib.excluded_tokens(cfg.train, builder), seed=cfg.seed)
   with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
     global_first = pipeline.global_batch(step_lib.step_inputs(first), mesh, cfg.mesh.rules)
     compiled = train_step.lower(state, global_first, catalogue).compile()
