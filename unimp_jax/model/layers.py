@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimp_jax.sharding.mesh import constrain
+
 Initializer = Callable[..., jax.Array]
 normal = jax.nn.initializers.normal
 
@@ -139,16 +141,27 @@ REMAT_POLICIES = {
 }
 
 
+def _constrain_slice(var: nnx.Variable) -> nnx.Variable:
+  """A scanned parameter's slice (its leading stack axes gone) constrained by its remaining logical axes."""
+  axes = var.get_metadata().get('logical_axes')
+  if axes is None:
+    return var
+  return var.replace(constrain(var[...], axes[len(axes) - len(var.shape):]))
+
+
 def scan(stacked: nnx.Module, body: Callable, carry, xs=None, *, remat: str = 'none'):
   """Runs `body(layer, carry, x) -> (carry, y)` over the leading stack axis of `stacked`.
 
   The layer weights are split out of the module and scanned as ordinary arrays, so the compiled
   program holds one layer's code regardless of depth; `remat` selects what the backward pass keeps.
+  Each layer's slice is constrained to its parameters' sharding: slicing drops it, and without it the
+  gradients the backward scan stacks up are whole on every device (docs/SCALING.md).
   """
   graphdef, state = nnx.split(stacked)
 
   def step(carry, inputs):
     layer_state, x = inputs
+    layer_state = jax.tree.map(_constrain_slice, layer_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     return body(nnx.merge(graphdef, layer_state), carry, x)
 
   if remat != 'none':

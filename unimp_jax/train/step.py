@@ -20,6 +20,7 @@ from unimp_jax.data import formats
 from unimp_jax.model import items, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import loss as loss_lib
+from unimp_jax.train import optim
 
 BATCH_KEYS = ('tokens', 'answer_mask', 'images', 'weight', 'task', 'next_items')
 
@@ -51,7 +52,7 @@ def state_shardings(abstract_params, tx, mesh, rules):
 
 
 def accumulated_gradients(graphdef, train_cfg, *, pad_id: int, excluded=None):
-  """`(params, batch, catalogue=None) -> (grads, sums)`: mean gradient over the batch's supervised
+  """`(params, batch, catalogue=None, key=None) -> (grads, sums)`: mean gradient over the batch's supervised
   tokens, accumulated over `train.microbatches` micro-batches by `lax.scan` (sums first, one division at
   the end). `catalogue` (TaskBuilder.catalogue().arrays()) feeds content item rows (unimp_jax.model.items);
   the token ids `excluded` are left out of the softmax (`excluded_tokens`). `key` drives dropout
@@ -73,14 +74,22 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int, excluded=None):
     m = train_cfg.microbatches
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), step_inputs(batch))
     keys = None if key is None else jax.random.split(key, m)
+    # Only the trained parameters are differentiated: a frozen tower's weight gradients would cost
+    # FLOPs and memory and then be thrown away (docs/SCALING.md). Their places hold None.
+    trained = jax.tree.map(lambda p, frozen: None if frozen else p, params,
+                           optim.matches(params, train_cfg.freeze_patterns))
+
+    def loss(trained, mb, k):
+      merged = jax.tree.map(lambda p, t: p if t is None else t, params, trained)
+      return objective(merged, mb, catalogue, k)
 
     def accumulate(carry, xs):
       mb, k = xs
-      (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params, mb, catalogue, k)
+      (_, out), grads = jax.value_and_grad(loss, has_aux=True)(trained, mb, k)
       return jax.tree.map(jnp.add, carry, (grads, out)), None
 
     sums_shape = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], micro), catalogue, None)[1])
-    init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    init = (jax.tree.map(jnp.zeros_like, trained), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grad_sum, sums), _ = jax.lax.scan(accumulate, init, (micro, keys))
     return jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grad_sum), sums
 
@@ -111,9 +120,12 @@ def make_train_step(graphdef, tx, train_cfg, *, pad_id: int, shardings, batch_sh
     params = state['params']
     grads, sums = gradients(params, batch, catalogue, jax.random.fold_in(jax.random.key(seed), state['step']))
     loss = sums['objective'] / jnp.maximum(sums['tokens'], 1.0)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates), 'opt_state': opt_state}
+    grad_norm = optax.global_norm(grads)  # of the trained parameters: the norm that clipping sees
+    # The optimizer takes the whole tree; frozen places get zeros it never reads (optim: set_to_zero).
+    whole = jax.tree.map(lambda p, g: jnp.zeros_like(p) if g is None else g, params, grads)
+    updates, opt_state = tx.update(whole, state['opt_state'], params)
+    new_params = jax.tree.map(lambda p, u, g: p if g is None else optax.apply_updates(p, u), params, updates, grads)
+    new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': sums['tokens'], 'finite': finite}
