@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'         # compute dtype: bfloat16 on accelerators
   c.model.param_dtype = 'float32'   # storage dtype of parameters (and optimizer state)
   c.model.remat = 'none'            # what the backward pass recomputes, per scanned block
+  c.model.scan_layers = True        # False: layers written out (unrolled); see unimp_jax.model.layers.scan
   c.model.vision = ml_collections.ConfigDict(dict(
       image_size=32, patch_size=8, channels=3, width=64, depth=2, mlp_dim=256, num_heads=4,
       act='quick_gelu', norm_eps=1e-5))

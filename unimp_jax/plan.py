@@ -8,7 +8,8 @@ trainer compiles it. On CPU, `--devices` fake host devices stand in for the acce
 numbers are what each device would hold; XLA's CPU and TPU/GPU memory planners differ in detail, so
 leave headroom). The vocabulary is the config's (`model.lm.added_vocab_size` stands in for the dataset's
 added tokens). Prints per-device argument, output, temporary and peak memory, FLOPs per step (XLA cost
-analysis; per device) and the compile time; the last line is one JSON object with the keys
+analysis, per device; it counts the body of a loop once, so with scanned layers one layer per stack:
+`--config.model.scan_layers=false` counts them all) and the compile time; the last line is one JSON object with the keys
 `argument_bytes`, `output_bytes`, `temp_bytes`, `peak_bytes`, `flops` and `compile_s`.
 """
 
@@ -99,7 +100,10 @@ def main(argv):
         f'remat {cfg.model.remat}, compute {cfg.model.dtype}')
   for key in ('argument_bytes', 'output_bytes', 'temp_bytes', 'peak_bytes'):
     print(f'{key.replace("_bytes", ""):>9} {result[key] / GIB:8.2f} GiB per device')
-  print(f'    flops {result["flops"]:.3e} per device per step; compiled in {result["compile_s"]:.1f} s')
+  counted = ('every layer' if not cfg.model.scan_layers else
+             'a scanned layer once: --config.model.scan_layers=false counts every layer')
+  print(f'    flops {result["flops"]:.3e} per device per step (XLA cost analysis; it counts {counted}); '
+        f'compiled in {result["compile_s"]:.1f} s')
   print(json.dumps(result))
 
 

@@ -46,9 +46,9 @@ class PerceiverBlock(nnx.Module):
 
 class PerceiverResampler(nnx.Module):
 
-  def __init__(self, cfg, width: int, *, dtype, param_dtype, remat: str, rngs: nnx.Rngs):
+  def __init__(self, cfg, width: int, *, dtype, param_dtype, remat: str, unroll: bool = False, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dtype, self.remat = dtype, remat
+    self.dtype, self.remat, self.unroll = dtype, remat, unroll
     self.latents = layers.param(rngs, layers.normal(1.0), (cfg.num_latents, width), (None, 'embed'), param_dtype)
     self.blocks = PerceiverBlock(cfg, width, stack=(cfg.depth,), **kw)
     self.norm = layers.LayerNorm(width, eps=cfg.norm_eps, **kw)
@@ -57,5 +57,5 @@ class PerceiverResampler(nnx.Module):
     """context [B, P, D] -> latents [B, num_latents, D]."""
     latents = jnp.broadcast_to(self.latents[...].astype(self.dtype), (context_bpd.shape[0], *self.latents.shape))
     latents, _ = layers.scan(self.blocks, lambda blk, lat, _: (blk(context_bpd, lat), None), latents,
-                             remat=self.remat)
+                             remat=self.remat, unroll=self.unroll)
     return self.norm(latents)

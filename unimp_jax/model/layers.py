@@ -149,11 +149,13 @@ def _constrain_slice(var: nnx.Variable) -> nnx.Variable:
   return var.replace(constrain(var[...], axes[len(axes) - len(var.shape):]))
 
 
-def scan(stacked: nnx.Module, body: Callable, carry, xs=None, *, remat: str = 'none'):
+def scan(stacked: nnx.Module, body: Callable, carry, xs=None, *, remat: str = 'none', unroll: bool = False):
   """Runs `body(layer, carry, x) -> (carry, y)` over the leading stack axis of `stacked`.
 
   The layer weights are split out of the module and scanned as ordinary arrays, so the compiled
   program holds one layer's code regardless of depth; `remat` selects what the backward pass keeps.
+  `unroll` (config `model.scan_layers=False`) writes every layer out instead: longer compiles, no
+  per-layer slicing and stacking, and XLA's cost analysis counts every layer (it counts a loop body once).
   Each layer's slice is constrained to its parameters' sharding: slicing drops it, and without it the
   gradients the backward scan stacks up are whole on every device (docs/SCALING.md).
   """
@@ -166,4 +168,4 @@ def scan(stacked: nnx.Module, body: Callable, carry, xs=None, *, remat: str = 'n
 
   if remat != 'none':
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  return jax.lax.scan(step, carry, (state, xs))
+  return jax.lax.scan(step, carry, (state, xs), unroll=unroll)

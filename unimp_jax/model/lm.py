@@ -127,10 +127,11 @@ class LanguageModel(nnx.Module):
   frozen; this is the layout of IDEFICS' decoupled embedding and head.
   """
 
-  def __init__(self, cfg, vision_width: int, *, dtype, param_dtype, remat: str, rngs: nnx.Rngs):
+  def __init__(self, cfg, vision_width: int, *, dtype, param_dtype, remat: str, unroll: bool = False,
+               rngs: nnx.Rngs):
     d, v, a = cfg.width, cfg.vocab_size, cfg.added_vocab_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.vocab_size, self.dtype, self.remat, self.dropout = v, dtype, remat, cfg.dropout
+    self.vocab_size, self.dtype, self.remat, self.unroll, self.dropout = v, dtype, remat, unroll, cfg.dropout
     self.head_dim, self.rope_theta = d // cfg.num_heads, cfg.rope_theta
     num_groups = cfg.num_layers // cfg.cross_attn_every
     self.cache_dims = (num_groups, cfg.cross_attn_every, cfg.num_kv_heads, d // cfg.num_heads)
@@ -193,10 +194,11 @@ class LanguageModel(nnx.Module):
                      dropout_key=key)
 
       layer_keys = None if layers_key is None else jax.random.split(layers_key, per_group)
-      x, new_self_kv = layers.scan(group.layers, layer_step, x, (self_kv, layer_keys))
+      x, new_self_kv = layers.scan(group.layers, layer_step, x, (self_kv, layer_keys), unroll=self.unroll)
       return x, (new_self_kv, new_cross)
 
     group_keys = None if groups_key is None else jax.random.split(groups_key, num_groups)
     x_btd, (new_cache_kv, new_cross_kv) = layers.scan(
-        self.groups, group_step, x_btd, (cache_kv, cross_kv, group_keys), remat=self.remat)
+        self.groups, group_step, x_btd, (cache_kv, cross_kv, group_keys), remat=self.remat,
+        unroll=self.unroll)
     return x_btd, new_cache_kv, new_cross_kv

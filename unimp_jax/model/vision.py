@@ -52,11 +52,11 @@ class VisionEncoder(nnx.Module):
   token only; Flamingo and IDEFICS feed that unnormalised last hidden state to the resampler.
   """
 
-  def __init__(self, cfg, *, dtype, param_dtype, remat: str, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, remat: str, unroll: bool = False, rngs: nnx.Rngs):
     d, p, c = cfg.width, cfg.patch_size, cfg.channels
     num_patches = (cfg.image_size // p) ** 2
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.patch_size, self.dtype, self.remat = p, dtype, remat
+    self.patch_size, self.dtype, self.remat, self.unroll = p, dtype, remat, unroll
     self.patch_embed = layers.Dense(p * p * c, d, (None, 'embed'), **kw)
     self.class_embed = layers.param(rngs, layers.normal(1.0), (d,), ('embed',), param_dtype)
     self.pos_embed = layers.param(rngs, layers.normal(0.02), (num_patches + 1, d), (None, 'embed'), param_dtype)
@@ -73,5 +73,5 @@ class VisionEncoder(nnx.Module):
     cls = jnp.broadcast_to(self.class_embed[...].astype(self.dtype), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(self.dtype)
     x = self.pre_norm(x)
-    x, _ = layers.scan(self.blocks, lambda blk, h, _: (blk(h), None), x, remat=self.remat)
+    x, _ = layers.scan(self.blocks, lambda blk, h, _: (blk(h), None), x, remat=self.remat, unroll=self.unroll)
     return x, self.post_norm(x[:, 0])
