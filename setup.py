@@ -31,6 +31,9 @@ EXTRAS_REQUIRE = {
     # Hugging Face parity tests and export checks run transformers' PyTorch modules. Exactly this
     # version: it is a CPU build; any other pulls a multi-GB CUDA build.
     'hf': ['torch==2.13.0'],
+    # Accelerators (launch/): the TPU runtime (libtpu), or CUDA 12 wheels, for the pinned jax.
+    'tpu': ['jax[tpu]==0.10.2'],
+    'cuda12': ['jax[cuda12]==0.10.2'],
 }
 
 setup(

@@ -26,12 +26,27 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and the
 GALLERY_USERS = 4
 
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (SLURM, TPU pods).')
+_COORDINATOR = flags.DEFINE_string('coordinator', None, 'HOST:PORT of process 0, to start the processes by hand '
+                                   '(launch/local.sh); with --num_processes and --process_id.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordinator).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (with --coordinator).')
+
+
+def start_processes() -> None:
+  """jax.distributed: detected from the cluster (--multihost), or named (--coordinator). CPU devices of
+  several processes talk through gloo."""
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise flags.ValidationError('--coordinator needs --num_processes and --process_id')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
 
 
 def main(argv):
   del argv
-  if _MULTIHOST.value:
-    jax.distributed.initialize()
+  start_processes()
   cfg, workdir = _CONFIG.value, _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO; keep the console readable
