@@ -17,7 +17,7 @@ def test_the_3b_preset_fits_8_gib_per_device_on_64_devices():
                          '--config.data.batch_size=64'], env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-  assert 'mesh (data, fsdp, tensor) = (1, 64, 1)' in proc.stdout
+  assert '64 fake CPU devices: mesh (data, fsdp, tensor) = (1, 64, 1)' in proc.stdout
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(result) == {'argument_bytes', 'output_bytes', 'temp_bytes', 'peak_bytes', 'flops', 'compile_s'}
   assert 0 < result['argument_bytes'] <= result['peak_bytes'] <= 8 * GIB, result['peak_bytes'] / GIB

@@ -24,6 +24,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'A config file (file.py:arg).')
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for (the mesh is config.mesh over them).')
+_TOPOLOGY = flags.DEFINE_string('topology', None, "Compile with the TPU compiler for this topology instead, e.g. "
+                                "'v5e:8x8' or 'v4:4x4x4' (needs libtpu: pip install -e '.[tpu]'; no TPU needed).")
 
 GIB = 2 ** 30
 
@@ -45,8 +47,16 @@ def abstract_batch(cfg, mesh) -> dict:
           for k, (shape, dtype) in shapes.items()}
 
 
-def plan(cfg) -> dict:
-  """Compiles the train step for `cfg` on the current devices; per-device bytes, FLOPs, compile seconds."""
+def tpu_devices(topology: str) -> list:
+  """The devices of a described TPU topology, for compiling without the hardware (libtpu's compiler)."""
+  from jax.experimental import topologies
+  return list(topologies.get_topology_desc(platform='tpu', topology_name=topology, chip_config_name='default',
+                                           chips_per_host_bounds=(2, 2, 1), num_slices=1).devices)
+
+
+def plan(cfg, devices=None) -> dict:
+  """Compiles the train step for `cfg` on `devices` (default: jax's); per-device bytes, FLOPs, compile
+  seconds."""
   import jax
   from flax import nnx
   from unimp_jax import config as config_lib
@@ -57,8 +67,9 @@ def plan(cfg) -> dict:
   if cfg.model.item_embeddings != 'learned':
     raise ValueError("config.model.item_embeddings: the plan compiles learned item rows; content rows need the "
                      "catalogue's pictures (set it to 'learned', as configs/paper.py does)")
-  config_lib.validate(cfg, jax.device_count())
-  mesh = mesh_lib.make_mesh(cfg.mesh)
+  devices = jax.devices() if devices is None else devices
+  config_lib.validate(cfg, len(devices))
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   graphdef, abstract_params = unimp.abstract_model(cfg.model, cfg.seed)
   tx = optim.make_optimizer(cfg.train, nnx.to_pure_dict(abstract_params))
   shardings, abstract_state = step_lib.state_shardings(abstract_params, tx, mesh, cfg.mesh.rules)
@@ -90,14 +101,18 @@ def main(argv):
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax
   from unimp_jax.sharding import mesh as mesh_lib
-  if jax.device_count() != _DEVICES.value:
+  if _TOPOLOGY.value:
+    devices, target = tpu_devices(_TOPOLOGY.value), f'TPU {_TOPOLOGY.value} (libtpu\'s compiler)'
+  elif jax.device_count() != _DEVICES.value:
     raise app.UsageError(f'asked for {_DEVICES.value} devices, jax has {jax.device_count()} '
                          f'({jax.devices()[0].platform}); XLA_FLAGS={os.environ["XLA_FLAGS"]!r}')
+  else:
+    devices, target = jax.devices(), 'fake CPU devices'
   cfg = _CONFIG.value
-  shape = mesh_lib.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, jax.device_count())
-  result = plan(cfg)
-  print(f'mesh (data, fsdp, tensor) = {shape}, batch {cfg.data.batch_size} x {cfg.data.seq_len} tokens, '
-        f'remat {cfg.model.remat}, compute {cfg.model.dtype}')
+  shape = mesh_lib.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, len(devices))
+  result = plan(cfg, devices)
+  print(f'{len(devices)} {target}: mesh (data, fsdp, tensor) = {shape}, batch {cfg.data.batch_size} x '
+        f'{cfg.data.seq_len} tokens, remat {cfg.model.remat}, compute {cfg.model.dtype}')
   for key in ('argument_bytes', 'output_bytes', 'temp_bytes', 'peak_bytes'):
     print(f'{key.replace("_bytes", ""):>9} {result[key] / GIB:8.2f} GiB per device')
   counted = ('every layer' if not cfg.model.scan_layers else
