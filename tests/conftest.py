@@ -21,3 +21,14 @@ if jax.device_count() != 8:
 @pytest.fixture(scope='session')
 def devices():
   return jax.devices()
+
+
+# The slowest modules first: the suite runs in 2 pytest-xdist workers that take whole files (README), and
+# a long file picked up last would leave the other worker idle at the end.
+SLOWEST_FIRST = ('test_multihost.py', 'test_main_job.py', 'test_resume.py', 'test_validation.py', 'test_train.py',
+                 'test_vq.py', 'test_item_content.py', 'test_hf_interop.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
