@@ -155,10 +155,13 @@ def train(cfg, workdir: str) -> Run:
     best = checkpointer.best_step() if cfg.eval.every and cfg.eval.patience else None
     return best is not None and at - best >= cfg.eval.patience * cfg.eval.every
 
-  step, local = start, first
+  def more_steps() -> bool:
+    return step < cfg.train.steps and not stop['signal'] and not stopped_early
+
+  step, local, stopped_early = start, first, out_of_patience(start)
   try:
     with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
-      while step < cfg.train.steps and not stop['signal'] and not out_of_patience(step):
+      while more_steps():
         begin = time.perf_counter()
         batch = pipeline.global_batch(step_lib.step_inputs(local), mesh, cfg.mesh.rules)
         state, metrics = compiled(state, batch, catalogue)
@@ -184,14 +187,15 @@ def train(cfg, workdir: str) -> Run:
           begin = time.perf_counter()
           checkpointer.save(step, state, data_iterator=batches, config=cfg, metrics=valid, force=True)
           scalars['checkpoint_blocking_seconds'] = time.perf_counter() - begin  # the rest is asynchronous
+        stopped_early = valid is not None and out_of_patience(step)  # the best step moves only with a score
         writer.write(step, scalars)
         progress.update(1)
         if step % cfg.train.log_every == 0 or step == 1:
           progress.set_postfix(loss=f'{scalars["loss"]:.3f}', grad_norm=f'{scalars["grad_norm"]:.2f}',
                                tokens_per_s=f'{scalars["tokens_per_second"]:.0f}')
-        if step < cfg.train.steps and not stop['signal'] and not out_of_patience(step):
+        if more_steps():
           local = next(batches)
-    if out_of_patience(step):
+    if stopped_early:
       say(f'stopped early at step {step}: validation {cfg.eval.metric} has not improved for {cfg.eval.patience} '
           'evaluations (eval.patience)')
     state_step = step
