@@ -1,10 +1,20 @@
 """Every test runs on a fake 8-device CPU mesh; the flag must be set before jax is imported."""
 
 import os
+import shutil
+import tempfile
+
+import support  # noqa: E402  (tests/support.py)
 
 os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']).strip()
+    [os.environ.get('XLA_FLAGS', ''), support.COMPILE_FLAGS, '--xla_force_host_platform_device_count=8']).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the whole run, shared by both pytest-xdist workers and inherited by
+# the training processes tests start: many of those compile the same tiny train step (jax keys the cache
+# by the program, its shardings and the compiler options, so a hit is the executable a compile would make).
+OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), 'unimp-jax-tests-' + os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid()))))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -32,3 +42,8 @@ SLOWEST_FIRST = ('test_multihost.py', 'test_main_job.py', 'test_resume.py', 'tes
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_sessionfinish(session):
+  if OWN_CACHE and 'PYTEST_XDIST_WORKER' not in os.environ:  # the controller, once every worker is done
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

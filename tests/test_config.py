@@ -8,6 +8,7 @@ import sys
 import jax
 import pytest
 
+import support
 from unimp_jax import config as config_lib
 from unimp_jax.model import unimp
 
@@ -98,7 +99,7 @@ def test_summary_command_prints_counts_and_shardings():
     ('data.path={tmp}/mistyped/fashion', 'config.data.path: no dataset at'),
 ])
 def test_the_main_job_refuses_a_bad_config_in_one_line(tmp_path, override, says):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = support.subprocess_env()
   proc = subprocess.run([sys.executable, '-m', 'unimp_jax.main', '--config', 'configs/tiny.py', '--workdir',
                          str(tmp_path / 'run'), f'--config.{override.format(tmp=tmp_path)}'],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import support
 from unimp_jax import config as config_lib, tasks
 from unimp_jax.data import formats, pipeline, prompts, semantic_ids, synthetic
 from unimp_jax.train import report
@@ -125,7 +126,7 @@ SEMANTIC = ('model.item_embeddings=learned', 'data.item_ids=semantic', 'data.sem
 @pytest.fixture(scope='module')
 def trained(dataset, tmp_path_factory):
   """Two 2-step training runs, semantic ids and text only, in processes side by side (both mostly compile)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device: fastest to compile
+  env = support.subprocess_env()
   runs = {name: (tmp_path_factory.mktemp(name), overrides) for name, overrides in
           (('semantic', SEMANTIC), ('text', ('data.item_content=text',)))}
   procs = {name: subprocess.Popen([sys.executable, '-c', TRAIN, str(workdir), dataset.path, '2', *overrides],

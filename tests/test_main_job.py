@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import support
 from unimp_jax.data import formats, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
 def _run(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device: fastest to compile
+  env = support.subprocess_env()
   proc = subprocess.run([sys.executable, '-m', *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   return proc.stdout

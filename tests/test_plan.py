@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import support
+
 GIB = 2 ** 30
 
 
@@ -12,7 +14,7 @@ def test_the_3b_preset_fits_8_gib_per_device_on_64_devices():
   """The paper's default size (configs/paper.py:3b, its frozen towers) at batch 1 per device. Before the
   train step stopped differentiating frozen parameters, whose gradients lost their sharding inside the
   layer scans, this was 19.7 GiB (docs/SCALING.md)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # the command asks for its own 64 devices
+  env = support.subprocess_env()  # the command asks for its own 64 devices
   proc = subprocess.run([sys.executable, '-m', 'unimp_jax.plan', '--config', 'configs/paper.py:3b', '--devices', '64',
                          '--config.data.batch_size=64'], env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
                         capture_output=True, text=True, timeout=600)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import support
 from unimp_jax.data import synthetic
 from unimp_jax.train import checkpoint as checkpoint_lib
 from unimp_jax.train import report
@@ -31,7 +32,7 @@ def data(tmp_path_factory):
 
 
 def _start(workdir, data, steps):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device: fastest to compile
+  env = support.subprocess_env()
   return subprocess.Popen([sys.executable, '-c', TRAIN, str(workdir), data, str(steps)], env=env,
                           cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import sacrebleu
-from rouge_score import rouge_scorer
 
 RATINGS = np.arange(1, 6)
 BLEU_TOKENIZE = '13a'
@@ -76,6 +75,7 @@ def text_metrics(hypotheses: list[str], references: list[str]) -> dict[str, floa
   for name, order in (('BLEU-4', 4), ('BLEU-1', 1)):
     bleu = sacrebleu.metrics.BLEU(max_ngram_order=order, tokenize=BLEU_TOKENIZE)
     out[name] = float(bleu.corpus_score(hypotheses, [references]).score)
+  from rouge_score import rouge_scorer  # here, not at the top: it imports nltk and scipy.stats (2 s per process)
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=ROUGE_USE_STEMMER)
   scores = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references)]  # score(target, prediction)
   for rouge_type in ROUGE_TYPES:
