@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -84,6 +87,38 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
     formats.write_dataset(str(tmp_path / 'ds'), name='t', items=items, images=images(), users=[],
                           image_size=8, split_seed=0)
   assert os.listdir(tmp_path) == []
+
+
+SIGTERM_MID_WRITE = """
+import os, signal, sys
+import numpy as np
+from unimp_jax.data import convert, formats
+signal.signal(signal.SIGTERM, convert._exit_on_sigterm)  # what `python -m unimp_jax.data.convert` installs
+def images():
+  yield np.zeros((8, 8, 3), np.uint8)
+  os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-write, as a scheduler's preemption would
+  yield np.zeros((8, 8, 3), np.uint8)
+items = [formats.Item(source_id=str(i), has_image=True) for i in range(2)]
+formats.write_dataset(sys.argv[1], name='t', items=items, images=images(), users=[], image_size=8, split_seed=0)
+"""
+
+
+def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
+  proc = subprocess.run([sys.executable, '-c', SIGTERM_MID_WRITE, str(tmp_path / 'ds')], capture_output=True,
+                        text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+  assert os.listdir(tmp_path) == []
+
+
+def test_the_partial_folder_of_a_killed_writer_is_removed_by_the_next_write(tmp_path, capsys):
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()  # its pid now names no process (SIGKILL leaves such a folder: nothing runs to remove it)
+  os.makedirs(tmp_path / f'.ds.partial-{dead.pid}-abc' / 'images')
+  os.makedirs(tmp_path / f'.ds.partial-{os.getpid()}-xyz')  # a live writer's: kept
+  formats.write_dataset(str(tmp_path / 'ds'), name='t', items=[formats.Item(source_id='0')], images=[None],
+                        users=[], image_size=8, split_seed=0)
+  assert sorted(os.listdir(tmp_path)) == [f'.ds.partial-{os.getpid()}-xyz', 'ds']
+  assert f'partial-{dead.pid}-abc, left by an interrupted write' in capsys.readouterr().out
 
 
 def test_verify_names_a_modified_file(built, tmp_path):

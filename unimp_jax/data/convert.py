@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import zlib
 from typing import Any, NamedTuple
@@ -601,7 +602,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return manifest
 
 
+def _exit_on_sigterm(signum, frame):
+  raise SystemExit(128 + signum)  # unwinds like an exception: write_dataset removes its partial folder
+
+
 if __name__ == '__main__':
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
   try:
     main()
   except (DatasetError, OSError) as e:  # OSError: a file that vanished or cannot be read mid-conversion

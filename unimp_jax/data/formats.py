@@ -142,6 +142,28 @@ def check_replaceable(path: str, overwrite: bool):
                        'remove it yourself or write somewhere else')
 
 
+def remove_abandoned_partials(path: str) -> list[str]:
+  """Removes the hidden `.NAME.partial-PID-*` folders that writers of `path` left when they were killed
+  (SIGKILL, a power cut: no cleanup runs) and whose process no longer exists. A live writer's is kept."""
+  parent, prefix = os.path.dirname(path), f'.{os.path.basename(path)}.partial-'
+  removed = []
+  for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+    pid = entry[len(prefix):].split('-', 1)[0]
+    if not (entry.startswith(prefix) and pid.isdigit()):
+      continue
+    try:
+      os.kill(int(pid), 0)
+      continue  # its writer is still running
+    except ProcessLookupError:
+      pass
+    except PermissionError:  # a live process of another user
+      continue
+    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    print(f'removed {os.path.join(parent, entry)}, left by an interrupted write (process {pid})')
+    removed.append(entry)
+  return removed
+
+
 def write_dataset(path: str, *, name: str, items: Sequence[Item], images: Iterable[np.ndarray | None],
                   users: Sequence[User], image_size: int, split_seed: int, tokenizer=None,
                   extra: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -159,7 +181,8 @@ def write_dataset(path: str, *, name: str, items: Sequence[Item], images: Iterab
                            f'{len(items)} items')
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.partial-', dir=parent)
+  remove_abandoned_partials(path)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.partial-{os.getpid()}-', dir=parent)
   try:
     with open(os.path.join(tmp, 'items.jsonl'), 'w') as f:
       for item in items:
