@@ -40,6 +40,8 @@ def test_command_line_overrides_apply_and_unknown_keys_fail():
     (('train.next_item_weight=-1.0',), 'train.next_item_weight'),
     (('model.item_embeddings=learned', 'data.item_ids=semantic', 'train.next_item_weight=1.0'),
      'train.next_item_weight'),
+    (('model.item_pool=True', 'model.item_embeddings=learned', 'data.item_ids=semantic',
+      'train.next_item_weight=0.0'), 'model.item_pool'),
     (('train.steps=-5',), 'train.steps'),
     (('data.batch_size=0',), 'data.batch_size'),
     (('mesh.data=0',), 'mesh.data'),

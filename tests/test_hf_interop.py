@@ -126,6 +126,16 @@ def test_export_round_trip_is_bit_identical(tmp_path, data, capsys, every, qk_no
     assert ('0 image slots' in printed) == lm_only
 
 
+def test_a_run_with_the_item_pool_is_refused_before_anything_is_written(tmp_path, data):
+  cfg = _config(data, 2, False, False, 4)
+  cfg.model.item_pool = True  # no Hugging Face model adds the mean item embedding to its inputs
+  workdir, _ = _trained_run(tmp_path, cfg)
+  for lm_only in (False, True):
+    with pytest.raises(mapping.MappingError, match='model.item_pool.*cannot be exported'):
+      export.export(workdir, str(tmp_path / 'hf'), lm_only=lm_only)
+  assert os.listdir(tmp_path) == ['run']
+
+
 def test_pickles_are_refused_never_loaded(tmp_path):
   marker = tmp_path / 'unpickled'
 

@@ -106,10 +106,17 @@ def test_cross_attention_sees_the_images_the_media_mask_allows(mode):
     assert np.all(np.abs(out[sees_j] - base[sees_j]).max(-1) > 0)
 
 
-def test_kv_cache_decoding_matches_full_forward():
+# With `model.item_pool` the cache carries the sum and count of the item embeddings so far.
+POOL = dict(item_pool=True, item_tokens=(100, VOCAB // 2))
+
+
+@pytest.mark.parametrize('pool', [False, True])
+def test_kv_cache_decoding_matches_full_forward(pool):
   """Prefill a right-padded prompt with images, then decode one token at a time (one of them an
   `<image>` that opens the next slot); every step's logits must equal a full forward pass."""
   model = _model(alpha=0.7)
+  if pool:
+    model = nnx.merge(_graphdef(**POOL), nnx.state(model))
   graphdef, state = nnx.split(model)
   prompt, images = _batch(seed=3, length=24, image_positions=(2, 11), num_images=3)
   prompt_mask = np.ones_like(prompt, bool)
@@ -139,6 +146,22 @@ def test_kv_cache_decoding_matches_full_forward():
     np.testing.assert_allclose(np.stack(decoded)[:, row], expected[n:], atol=1e-5, rtol=0)
   np.testing.assert_array_equal(np.asarray(cache['length']), prompt_mask.sum(1) + steps.shape[1])
   np.testing.assert_array_equal(np.asarray(cache['media']), [2, 2])
+
+
+def test_item_pool_adds_the_mean_embedding_of_the_item_tokens_so_far():
+  model = nnx.merge(_graphdef(**POOL), nnx.state(_model()))
+  tokens, _ = _batch(seed=5, length=30)
+  valid = np.ones_like(tokens, bool)
+  valid[1, 20:] = False
+  embedded = np.asarray(model.lm.embed_tokens(tokens), np.float64)
+  is_item = ((tokens >= POOL['item_tokens'][0]) & (tokens < POOL['item_tokens'][1]) & valid)[..., None]
+  assert 0 < is_item[0].sum() < valid[0].sum()  # some tokens are items, some are not
+  expected = embedded + np.cumsum(embedded * is_item, 1) / np.maximum(np.cumsum(is_item, 1), 1)
+  pooled, (sums, counts) = model.pool_items(model.lm.embed_tokens(tokens), tokens, valid)
+  np.testing.assert_allclose(np.asarray(pooled), expected, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(counts), is_item.sum((1, 2)))
+  unchanged, state = _model().pool_items(embedded, tokens, valid)  # off: the embeddings as they are
+  assert unchanged is embedded and state is None
 
 
 def _graphdef(**model_overrides):

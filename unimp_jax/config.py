@@ -69,6 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
   # (cold items, which no training example names, keep their content row); 'learned': one free row per
   # item (the paper's default). Atomic ids only.
   c.model.item_embeddings = 'learned'
+  # True: every position's input also gets the mean embedding of the item tokens up to it, a bag of the
+  # history's items (unimp_jax.model.unimp.pool_items). The paper's LM has to learn to gather them with
+  # attention; this hands them to every position, as FISM-style recommenders score a user by the mean of
+  # their items. Not expressible in a Hugging Face model: such runs do not export. Atomic ids only.
+  c.model.item_pool = False
+  c.model.item_tokens = (0, 0)  # [first, end) ids of the item tokens: the dataset's tokenizer sets them
 
   # Local Hugging Face directories to start from (unimp_jax.hf.load): a CLIP vision tower and/or a
   # Llama-family LM, or a whole IDEFICS model. Their config.json sets the architecture of what they fill.
@@ -248,6 +254,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
            "'content' rows are rows of atomic item tokens; with data.item_ids='semantic' set it to 'learned'")
     _check(cfg.data.item_content != 'ids', 'model.item_embeddings',
            "'content' rows need the items' text or pictures; with data.item_content='ids' set it to 'learned'")
+  if m.item_pool:
+    _check(cfg.data.item_ids == 'atomic', 'model.item_pool',
+           "pools atomic item tokens; with data.item_ids='semantic' set it to False")
   sem = cfg.data.semantic
   _check(sem.levels >= 1, 'data.semantic.levels', f'{sem.levels}: needs at least 1 k-means level')
   _check(sem.codebook >= 2, 'data.semantic.codebook', f'{sem.codebook}: needs at least 2 codes per level')

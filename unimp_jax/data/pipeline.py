@@ -166,6 +166,7 @@ def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
   ids = token_ids(cfg, dataset)
   cfg.model.lm.vocab_size = ids.base_vocab_size  # `<image>` is the first added token: image_token_id follows
   cfg.model.lm.added_vocab_size = ids.added_vocab_size
+  cfg.model.item_tokens = tuple(ids.item_range)
   if cfg.model.image_token_id != ids.image:
     raise ValueError(f'config.model.image_token_id={cfg.model.image_token_id}, but the dataset tokenizer puts '
                      f'<image> at {ids.image}')

@@ -88,7 +88,7 @@ class ItemTrie:
 # The cache is a dict of arrays (see UniMP.prefill); beams reorder it along each entry's batch axis.
 # --------------------------------------------------------------------------------------------------
 
-_BATCH_AXIS = dict(k=2, v=2, valid=0, length=0, media=0, cross_kv=1)
+_BATCH_AXIS = dict(k=2, v=2, valid=0, length=0, media=0, cross_kv=1, pool=0)
 
 
 def take_rows(cache: dict, rows: jax.Array) -> dict:

@@ -141,8 +141,12 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f'{out} exists and is not empty; pass --overwrite to replace it')
   workdir = run_directory(checkpoint)
-  if not lm_only:  # what IDEFICS cannot hold fails here, before the weights are read
-    mapping.idefics_config(run_config(workdir, step).model)
+  model_cfg = run_config(workdir, step).model  # what Hugging Face cannot hold fails here, before the weights
+  if model_cfg.item_pool:
+    raise mapping.MappingError('model.item_pool (the bag of the history items added to every position) has '
+                               'no Hugging Face equivalent; this run cannot be exported')
+  if not lm_only:
+    mapping.idefics_config(model_cfg)
   predictor = Predictor.from_workdir(workdir, step)
   cfg, tokenizer = predictor.cfg, predictor.builder.tokenizer
   if step is None:

@@ -57,6 +57,7 @@ class UniMP(nnx.Module):
     self.lm = LanguageModel(cfg.lm, cfg.vision.width, **kw)
     self.image_token_id, self.media_mask = int(cfg.image_token_id), cfg.lm.media_mask
     self.num_latents = cfg.connector.num_latents
+    self.item_pool, self.item_tokens = bool(cfg.item_pool), tuple(int(i) for i in cfg.item_tokens)
     # Content rows for item tokens (unimp_jax.model.items); None: the item rows are learned.
     id_rows = cfg.lm.added_vocab_size if cfg.item_embeddings == 'content+id' else 0
     self.items = (ItemEncoder(cfg.lm.width, cfg.vision.width, id_rows=id_rows, dtype=dtype, param_dtype=param_dtype,
@@ -86,9 +87,24 @@ class UniMP(nnx.Module):
       latents = self.encode_images(images_bnhwc)
       media = media_index(tokens_bt, self.image_token_id)
       cross_mask = cross_attention_mask(media, images_bnhwc.shape[1], self.num_latents, self.media_mask)
-    x, _, _ = self.lm(self.lm.embed_tokens(tokens_bt), positions_bt=positions_bt, mask_bts=mask_bts,
+    x, _ = self.pool_items(self.lm.embed_tokens(tokens_bt), tokens_bt, valid_bt)
+    x, _, _ = self.lm(x, positions_bt=positions_bt, mask_bts=mask_bts,
                       latents_bmd=latents, cross_mask_btm=cross_mask, dropout_key=dropout_key)
     return self.lm.logits(x)
+
+  def pool_items(self, x_btd, tokens_bt, valid_bt, state=None):
+    """With `model.item_pool`: adds to every position the mean embedding of the (real) item tokens at or
+    before it, `state` = (sums [B, D], counts [B]) carrying those of earlier calls (the KV cache's). A
+    position before any item gets nothing. Returns (embeddings, new state)."""
+    if not self.item_pool:
+      return x_btd, None
+    first, end = self.item_tokens
+    is_item = ((tokens_bt >= first) & (tokens_bt < end) & valid_bt)[..., None].astype(jnp.float32)
+    sums, counts = jnp.cumsum(x_btd.astype(jnp.float32) * is_item, 1), jnp.cumsum(is_item, 1)
+    if state is not None:
+      sums, counts = sums + state[0][:, None], counts + state[1][:, None, None]
+    pooled = sums / jnp.maximum(counts, 1.0)
+    return x_btd + pooled.astype(x_btd.dtype), (sums[:, -1], counts[:, -1, 0])
 
   # ------------------------------------------------------------------------------------------------
   # Incremental decoding. The cache is a plain dict of arrays (a pytree), threaded functionally:
@@ -98,6 +114,7 @@ class UniMP(nnx.Module):
   #   index       next slot to write (shared by the batch)
   #   length      [B] real tokens so far (the next token's rotary position)
   #   media       [B] index of the most recent `<image>` so far (-1: none)
+  #   pool        ([B, D], [B]) sum and count of the item embeddings so far (`model.item_pool` only)
   # A prompt's padding (attention_mask False) occupies cache slots that stay invalid, so rows of
   # different prompt lengths decode together.
   # ------------------------------------------------------------------------------------------------
@@ -110,6 +127,8 @@ class UniMP(nnx.Module):
     valid = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
     cache = dict(k=zeros, v=zeros, valid=jnp.zeros((b, max_len), bool), index=jnp.zeros((), jnp.int32),
                  length=jnp.zeros((b,), jnp.int32), media=jnp.full((b,), -1, jnp.int32))
+    if self.item_pool:
+      cache['pool'] = (jnp.zeros((b, self.lm.added_embed.shape[-1]), jnp.float32), jnp.zeros((b,), jnp.float32))
     latents = None if images_bnhwc is None else self.encode_images(images_bnhwc)
     return self._step(tokens_bt, valid, cache, latents)
 
@@ -130,8 +149,9 @@ class UniMP(nnx.Module):
     if image_source is not None:  # latents [B, M, D] or cross keys [G, B, M, H, hd]: M = images * latents
       num_images = image_source.shape[-3 if image_source.ndim == 5 else 1] // self.num_latents
       cross_mask = cross_attention_mask(media_bt, num_images, self.num_latents, self.media_mask)
+    x, pool = self.pool_items(self.lm.embed_tokens(tokens_bt), tokens_bt, valid_bt, cache.get('pool'))
     x, new_kv, new_cross = self.lm(
-        self.lm.embed_tokens(tokens_bt), positions_bt=positions_bt, mask_bts=mask_bts,
+        x, positions_bt=positions_bt, mask_bts=mask_bts,
         latents_bmd=latents_bmd, cross_kv=cache.get('cross_kv'), cross_mask_btm=cross_mask,
         cache_kv=(cache['k'], cache['v']), cache_index=index)
     new_cache = dict(cache, k=new_kv[0], v=new_kv[1], valid=cache_valid, index=index + t,
@@ -139,6 +159,8 @@ class UniMP(nnx.Module):
                      media=media_bt[:, -1])
     if new_cross is not None:
       new_cache['cross_kv'] = new_cross
+    if pool is not None:
+      new_cache['pool'] = pool
     return self.lm.logits(x), new_cache
 
 
