@@ -18,18 +18,24 @@ IMAGE = CFG.model.image_token_id
 VOCAB = CFG.model.lm.vocab_size
 
 
+# With `model.item_pool` (the pooled user tower): a range of ordinary tokens stands for the items.
+POOL = dict(item_pool=True, item_tokens=(100, VOCAB // 2))
+
+
 @functools.cache
-def _initial_weights():
+def _initial_weights(pool=False):
   # One device: these tests are about numerics; tests/test_sharding.py covers the meshes.
-  mesh = mesh_lib.make_mesh(CFG.mesh, jax.devices()[:1])
-  return nnx.split(unimp.create_sharded(CFG.model, mesh, CFG.mesh.rules, seed=0))
+  cfg = config_lib.base_config()
+  cfg.model.update(POOL if pool else {})
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+  return nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0))
 
 
 _compiled_forward = functools.cache(unimp.jit_forward)
 
 
-def _model(alpha=None):
-  graphdef, state = _initial_weights()
+def _model(alpha=None, pool=False):
+  graphdef, state = _initial_weights(pool)
   model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
   if alpha is not None:  # open the gates so that images change the output
     cross = model.lm.groups.cross
@@ -106,17 +112,12 @@ def test_cross_attention_sees_the_images_the_media_mask_allows(mode):
     assert np.all(np.abs(out[sees_j] - base[sees_j]).max(-1) > 0)
 
 
-# With `model.item_pool` the cache carries the sum and count of the item embeddings so far.
-POOL = dict(item_pool=True, item_tokens=(100, VOCAB // 2))
-
-
 @pytest.mark.parametrize('pool', [False, True])
 def test_kv_cache_decoding_matches_full_forward(pool):
   """Prefill a right-padded prompt with images, then decode one token at a time (one of them an
-  `<image>` that opens the next slot); every step's logits must equal a full forward pass."""
-  model = _model(alpha=0.7)
-  if pool:
-    model = nnx.merge(_graphdef(**POOL), nnx.state(model))
+  `<image>` that opens the next slot); every step's logits must equal a full forward pass. With the
+  pooled user tower the cache carries the sum and count of the item embeddings so far."""
+  model = _model(alpha=0.7, pool=pool)
   graphdef, state = nnx.split(model)
   prompt, images = _batch(seed=3, length=24, image_positions=(2, 11), num_images=3)
   prompt_mask = np.ones_like(prompt, bool)
@@ -148,20 +149,22 @@ def test_kv_cache_decoding_matches_full_forward(pool):
   np.testing.assert_array_equal(np.asarray(cache['media']), [2, 2])
 
 
-def test_item_pool_adds_the_mean_embedding_of_the_item_tokens_so_far():
-  model = nnx.merge(_graphdef(**POOL), nnx.state(_model()))
+def test_item_pool_is_a_matrix_times_the_mean_embedding_of_the_item_tokens_so_far():
+  model = _model(pool=True)
+  np.testing.assert_array_equal(np.asarray(model.pool_kernel[...]), np.eye(CFG.model.lm.width))  # at the start
+  kernel = np.random.default_rng(6).normal(size=model.pool_kernel.shape).astype(np.float32)
+  model.pool_kernel[...] = kernel  # as trained
   tokens, _ = _batch(seed=5, length=30)
   valid = np.ones_like(tokens, bool)
   valid[1, 20:] = False
   embedded = np.asarray(model.lm.embed_tokens(tokens), np.float64)
   is_item = ((tokens >= POOL['item_tokens'][0]) & (tokens < POOL['item_tokens'][1]) & valid)[..., None]
   assert 0 < is_item[0].sum() < valid[0].sum()  # some tokens are items, some are not
-  expected = embedded + np.cumsum(embedded * is_item, 1) / np.maximum(np.cumsum(is_item, 1), 1)
+  expected = np.cumsum(embedded * is_item, 1) / np.maximum(np.cumsum(is_item, 1), 1) @ kernel
   pooled, (sums, counts) = model.pool_items(model.lm.embed_tokens(tokens), tokens, valid)
-  np.testing.assert_allclose(np.asarray(pooled), expected, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(pooled), expected, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(counts), is_item.sum((1, 2)))
-  unchanged, state = _model().pool_items(embedded, tokens, valid)  # off: the embeddings as they are
-  assert unchanged is embedded and state is None
+  assert _model().pool_items(embedded, tokens, valid) == (None, None)  # off
 
 
 def _graphdef(**model_overrides):

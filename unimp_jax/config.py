@@ -69,10 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
   # (cold items, which no training example names, keep their content row); 'learned': one free row per
   # item (the paper's default). Atomic ids only.
   c.model.item_embeddings = 'learned'
-  # True: every position's input also gets the mean embedding of the item tokens up to it, a bag of the
-  # history's items (unimp_jax.model.unimp.pool_items). The paper's LM has to learn to gather them with
-  # attention; this hands them to every position, as FISM-style recommenders score a user by the mean of
-  # their items. Not expressible in a Hugging Face model: such runs do not export. Atomic ids only.
+  # True: a pooled user tower beside the LM (unimp_jax.model.unimp.pool_items). At every position the mean
+  # content row of the item tokens so far, through a learned square matrix (the identity at the start),
+  # is added to the LM's last hidden state, so an item's logit includes <W mean(history rows), its row>,
+  # the score FISM-style recommenders give. The paper's LM has to learn to gather the history's items with
+  # attention, and at CPU scale it does not (docs/BENCHMARKS.md). Not expressible in a Hugging Face model:
+  # such runs do not export. Atomic ids only.
   c.model.item_pool = False
   c.model.item_tokens = (0, 0)  # [first, end) ids of the item tokens: the dataset's tokenizer sets them
 
@@ -383,5 +385,6 @@ def num_params_analytic(model_cfg) -> dict[str, int]:
   language = embeddings + decoder + cross + w
   item_encoder = (w * w + w + d * w) if model_cfg.item_embeddings != 'learned' else 0  # one shared bias
   item_encoder += lm.added_vocab_size * w if model_cfg.item_embeddings == 'content+id' else 0
+  item_encoder += w * w if model_cfg.item_pool else 0
   return dict(vision=vision, connector=connector, lm=language, cross_attention=cross, items=item_encoder,
               total=vision + connector + language + item_encoder)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimp_jax.model import layers
 from unimp_jax.model.connector import PerceiverResampler
 from unimp_jax.model.items import ItemEncoder
 from unimp_jax.model.lm import LanguageModel
@@ -57,7 +58,11 @@ class UniMP(nnx.Module):
     self.lm = LanguageModel(cfg.lm, cfg.vision.width, **kw)
     self.image_token_id, self.media_mask = int(cfg.image_token_id), cfg.lm.media_mask
     self.num_latents = cfg.connector.num_latents
-    self.item_pool, self.item_tokens = bool(cfg.item_pool), tuple(int(i) for i in cfg.item_tokens)
+    self.item_tokens = tuple(int(i) for i in cfg.item_tokens)
+    # The pooled user tower's matrix (`model.item_pool`), the identity at the start; None: no pool.
+    eye = lambda key, shape, dtype: jnp.eye(shape[-1], dtype=dtype)
+    self.pool_kernel = (layers.param(rngs, eye, (cfg.lm.width, cfg.lm.width), ('embed', 'mlp'), param_dtype)
+                        if cfg.item_pool else None)
     # Content rows for item tokens (unimp_jax.model.items); None: the item rows are learned.
     id_rows = cfg.lm.added_vocab_size if cfg.item_embeddings == 'content+id' else 0
     self.items = (ItemEncoder(cfg.lm.width, cfg.vision.width, id_rows=id_rows, dtype=dtype, param_dtype=param_dtype,
@@ -87,24 +92,27 @@ class UniMP(nnx.Module):
       latents = self.encode_images(images_bnhwc)
       media = media_index(tokens_bt, self.image_token_id)
       cross_mask = cross_attention_mask(media, images_bnhwc.shape[1], self.num_latents, self.media_mask)
-    x, _ = self.pool_items(self.lm.embed_tokens(tokens_bt), tokens_bt, valid_bt)
+    x = self.lm.embed_tokens(tokens_bt)
+    pooled, _ = self.pool_items(x, tokens_bt, valid_bt)
     x, _, _ = self.lm(x, positions_bt=positions_bt, mask_bts=mask_bts,
                       latents_bmd=latents, cross_mask_btm=cross_mask, dropout_key=dropout_key)
-    return self.lm.logits(x)
+    return self.lm.logits(x if pooled is None else x + pooled)
 
-  def pool_items(self, x_btd, tokens_bt, valid_bt, state=None):
-    """With `model.item_pool`: adds to every position the mean embedding of the (real) item tokens at or
-    before it, `state` = (sums [B, D], counts [B]) carrying those of earlier calls (the KV cache's). A
-    position before any item gets nothing. Returns (embeddings, new state)."""
-    if not self.item_pool:
-      return x_btd, None
+  def pool_items(self, embedded_btd, tokens_bt, valid_bt, state=None):
+    """The pooled user tower (`model.item_pool`): at every position, W times the mean embedding of the real
+    item tokens at or before it (zero before the first), in the LM's dtype. `state` = (sums [B, D], counts
+    [B]) carries those of earlier calls (the KV cache's). Returns (pooled or None without the tower, new
+    state)."""
+    if self.pool_kernel is None:
+      return None, None
     first, end = self.item_tokens
     is_item = ((tokens_bt >= first) & (tokens_bt < end) & valid_bt)[..., None].astype(jnp.float32)
-    sums, counts = jnp.cumsum(x_btd.astype(jnp.float32) * is_item, 1), jnp.cumsum(is_item, 1)
+    sums, counts = jnp.cumsum(embedded_btd.astype(jnp.float32) * is_item, 1), jnp.cumsum(is_item, 1)
     if state is not None:
       sums, counts = sums + state[0][:, None], counts + state[1][:, None, None]
-    pooled = sums / jnp.maximum(counts, 1.0)
-    return x_btd + pooled.astype(x_btd.dtype), (sums[:, -1], counts[:, -1, 0])
+    mean = (sums / jnp.maximum(counts, 1.0)).astype(embedded_btd.dtype)
+    pooled = jnp.einsum('btd,de->bte', mean, self.pool_kernel[...].astype(embedded_btd.dtype))
+    return pooled, (sums[:, -1], counts[:, -1, 0])
 
   # ------------------------------------------------------------------------------------------------
   # Incremental decoding. The cache is a plain dict of arrays (a pytree), threaded functionally:
@@ -127,8 +135,8 @@ class UniMP(nnx.Module):
     valid = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
     cache = dict(k=zeros, v=zeros, valid=jnp.zeros((b, max_len), bool), index=jnp.zeros((), jnp.int32),
                  length=jnp.zeros((b,), jnp.int32), media=jnp.full((b,), -1, jnp.int32))
-    if self.item_pool:
-      cache['pool'] = (jnp.zeros((b, self.lm.added_embed.shape[-1]), jnp.float32), jnp.zeros((b,), jnp.float32))
+    if self.pool_kernel is not None:
+      cache['pool'] = (jnp.zeros((b, self.pool_kernel.shape[0]), jnp.float32), jnp.zeros((b,), jnp.float32))
     latents = None if images_bnhwc is None else self.encode_images(images_bnhwc)
     return self._step(tokens_bt, valid, cache, latents)
 
@@ -149,7 +157,8 @@ class UniMP(nnx.Module):
     if image_source is not None:  # latents [B, M, D] or cross keys [G, B, M, H, hd]: M = images * latents
       num_images = image_source.shape[-3 if image_source.ndim == 5 else 1] // self.num_latents
       cross_mask = cross_attention_mask(media_bt, num_images, self.num_latents, self.media_mask)
-    x, pool = self.pool_items(self.lm.embed_tokens(tokens_bt), tokens_bt, valid_bt, cache.get('pool'))
+    x = self.lm.embed_tokens(tokens_bt)
+    pooled, pool = self.pool_items(x, tokens_bt, valid_bt, cache.get('pool'))
     x, new_kv, new_cross = self.lm(
         x, positions_bt=positions_bt, mask_bts=mask_bts,
         latents_bmd=latents_bmd, cross_kv=cache.get('cross_kv'), cross_mask_btm=cross_mask,
@@ -161,7 +170,7 @@ class UniMP(nnx.Module):
       new_cache['cross_kv'] = new_cross
     if pool is not None:
       new_cache['pool'] = pool
-    return self.lm.logits(x), new_cache
+    return self.lm.logits(x if pooled is None else x + pooled), new_cache
 
 
 # --------------------------------------------------------------------------------------------------
