@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from unimp_jax import config as config_lib
 from unimp_jax.data import pipeline, prompts
@@ -61,6 +62,15 @@ class Run:
 def say(message: str) -> None:
   if jax.process_index() == 0:
     tqdm.tqdm.write(message)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process. A SIGTERM may reach one process of a multi-process run only (one
+  host preempted): every process must still leave the loop after the same step and save it together, or
+  the others wait forever in the next step's collectives."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
 def validation_metrics(cfg, graphdef, params, builder: prompts.TaskBuilder) -> dict[str, float]:
@@ -143,8 +153,10 @@ def train(cfg, workdir: str) -> Run:
   learning_rate = optim.schedule(cfg.train)
 
   # ---- SIGTERM (preemption): finish the current step, save, exit -------------------------------------------
+  # The handler only records the signal; `stopping` is what every process agrees on after each step.
   stop = {'signal': False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+  stopping = False
 
   # ---- the loop ------------------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir)
@@ -156,7 +168,7 @@ def train(cfg, workdir: str) -> Run:
     return best is not None and at - best >= cfg.eval.patience * cfg.eval.every
 
   def more_steps() -> bool:
-    return step < cfg.train.steps and not stop['signal'] and not stopped_early
+    return step < cfg.train.steps and not stopping and not stopped_early
 
   step, local, stopped_early = start, first, out_of_patience(start)
   try:
@@ -168,6 +180,7 @@ def train(cfg, workdir: str) -> Run:
         metrics = jax.device_get(metrics)
         seconds = time.perf_counter() - begin
         step += 1
+        stopping = any_process(stop['signal'])
         if not metrics['finite']:
           raise TrainingDiverged(f'step {step}: loss {metrics["loss"]} / gradient norm {metrics["grad_norm"]} is '
                                  f'not finite; the last good checkpoint is at step {checkpointer.latest_step()}')
@@ -183,7 +196,7 @@ def train(cfg, workdir: str) -> Run:
           valid = validation_metrics(cfg, graphdef, state['params'], builder)
           scalars.update(valid)
           say(f'step {step}: validation {cfg.eval.metric} {valid[f"valid/{cfg.eval.metric}"]:.4f}')
-        if valid is not None or checkpointer.should_save(step) or stop['signal'] or step == cfg.train.steps:
+        if valid is not None or checkpointer.should_save(step) or stopping or step == cfg.train.steps:
           begin = time.perf_counter()
           checkpointer.save(step, state, data_iterator=batches, config=cfg, metrics=valid, force=True)
           scalars['checkpoint_blocking_seconds'] = time.perf_counter() - begin  # the rest is asynchronous
@@ -200,7 +213,7 @@ def train(cfg, workdir: str) -> Run:
           'evaluations (eval.patience)')
     state_step = step
     best = checkpointer.best_step() if cfg.eval.every else None
-    if best is not None and best != step and not stop['signal']:
+    if best is not None and best != step and not stopping:
       say(f'the best validation {cfg.eval.metric} is step {best}\'s: it is the step evaluated and served')
       state, state_step = checkpointer.restore(abstract_state, step=best)
   finally:
@@ -211,4 +224,4 @@ def train(cfg, workdir: str) -> Run:
     checkpointer.close()
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(cfg.to_dict(), f, indent=2, default=str)
-  return Run(cfg, mesh, graphdef, state, builder, step, stop['signal'], state_step)
+  return Run(cfg, mesh, graphdef, state, builder, step, stopping, state_step)
