@@ -143,8 +143,8 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
   workdir = run_directory(checkpoint)
   model_cfg = run_config(workdir, step).model  # what Hugging Face cannot hold fails here, before the weights
   if model_cfg.item_pool:
-    raise mapping.MappingError('model.item_pool (the bag of the history items added to every position) has '
-                               'no Hugging Face equivalent; this run cannot be exported')
+    raise mapping.MappingError('model.item_pool (the pooled user tower beside the LM) has no Hugging Face '
+                               'equivalent; this run cannot be exported')
   if not lm_only:
     mapping.idefics_config(model_cfg)
   predictor = Predictor.from_workdir(workdir, step)
