@@ -5,6 +5,8 @@ import http.server
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -229,6 +231,17 @@ def test_cli(server, tmp_path, capsys):
   summary = fetch.main(['--urls', urls, '--out', out, '--workers', '2', '--timeout', '2',
                         '--retries', '1', '--max_bytes', '100000', '--backoff', '0.01'])
   assert summary == fetch.Summary(downloaded=1, skipped=0, failed=1)
-  printed = json.loads(capsys.readouterr().out)
-  assert printed == {'downloaded': 1, 'skipped': 0, 'failed': 1,
-                     'failures': os.path.join(out, 'failures.tsv')}
+  captured = capsys.readouterr()
+  assert json.loads(captured.out) == {'downloaded': 1, 'skipped': 0, 'failed': 1,
+                                      'failures': os.path.join(out, 'failures.tsv')}
+  assert f'1 of 2 downloads failed; the reasons are in {out}/failures.tsv' in captured.err
+
+
+def test_the_command_exits_non_zero_when_a_download_failed(server, tmp_path):
+  root = os.path.dirname(os.path.dirname(__file__))
+  for name, path, code in (('cat', '/cat.jpg', 0), ('missing', '/missing.jpg', 1)):
+    urls = _write_urls(tmp_path / f'{name}.tsv', [(name, server.url(path))])
+    proc = subprocess.run([sys.executable, '-m', 'unimp_jax.data.fetch', '--urls', urls, '--out',
+                           str(tmp_path / name), '--retries', '0'], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]

@@ -20,6 +20,7 @@ import dataclasses
 import http.client
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -170,9 +171,13 @@ def main(argv: list[str] | None = None) -> Summary:
   args = parser.parse_args(argv)
   summary = fetch(args.urls, args.out, workers=args.workers, timeout=args.timeout, retries=args.retries,
                   max_bytes=args.max_bytes, backoff_s=args.backoff)
-  print(json.dumps({**dataclasses.asdict(summary), 'failures': os.path.join(args.out, FAILURES_FILE)}))
+  failures = os.path.join(args.out, FAILURES_FILE)
+  print(json.dumps({**dataclasses.asdict(summary), 'failures': failures}))
+  if summary.failed:
+    print(f'error: {summary.failed} of {summary.failed + summary.downloaded} downloads failed; the reasons are in '
+          f'{failures}, and a rerun retries only those', file=sys.stderr)
   return summary
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(1 if main().failed else 0)  # scripts and schedulers see that pictures are missing
