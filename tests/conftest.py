@@ -4,7 +4,7 @@ import os
 import shutil
 import tempfile
 
-import support  # noqa: E402  (tests/support.py)
+import support  # tests/support.py: the compiler flags and the environment of processes tests start
 
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), support.COMPILE_FLAGS, '--xla_force_host_platform_device_count=8']).strip()
