@@ -1,5 +1,7 @@
-"""What the tests share besides conftest's fixtures: the environment of the processes they start."""
+"""What the tests share besides conftest's fixtures: the environment of the processes they start, and
+reading what those processes print."""
 
+import json
 import os
 
 # XLA's backend optimisation off. The tests' programs are tiny and each is compiled once or twice, so
@@ -13,3 +15,8 @@ def subprocess_env(devices: int = 1, **extra) -> dict:
   on `devices` fake CPU devices (1, the default, compiles fastest)."""
   count = f' --xla_force_host_platform_device_count={devices}' if devices > 1 else ''
   return dict(os.environ, XLA_FLAGS=COMPILE_FLAGS + count, JAX_PLATFORMS='cpu', **extra)
+
+
+def printed(output: str, tag: str):
+  """The JSON value a process printed on its line `TAG value` (the first such line)."""
+  return json.loads(next(line for line in output.splitlines() if line.startswith(tag + ' '))[len(tag) + 1:])

@@ -2,7 +2,6 @@
 a multi-host pod takes, on one machine. A SIGTERM to one process stops both after the same step;
 training, checkpoints, resuming and evaluation agree with one process of 8 devices."""
 
-import json
 import os
 import signal
 import subprocess
@@ -73,11 +72,9 @@ def _two_processes(workdir, data):
       p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
-  printed = lambda out, tag: json.loads(next(line for line in out.splitlines() if line.startswith(tag + ' '))[
-      len(tag) + 1:])
-  stops = [printed(out, 'STOPPED') for out in outs]
+  stops = [support.printed(out, 'STOPPED') for out in outs]
   assert stops[0] == stops[1] and stops[0][1], stops  # the same step, and both say a signal stopped them
-  rows = [printed(out, 'ROWS') for out in outs]
+  rows = [support.printed(out, 'ROWS') for out in outs]
   assert rows[0] == rows[1]  # every process holds every user's row
   return stops[0][0], {k: np.asarray(v) for k, v in rows[0].items()}
 

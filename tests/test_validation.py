@@ -1,6 +1,5 @@
 """Validation during training: scores saved with their steps, the best step handed on, early stopping."""
 
-import json
 import os
 import subprocess
 import sys
@@ -59,9 +58,7 @@ def _train(workdir, data):
   proc = subprocess.run([sys.executable, '-c', TRAIN, str(workdir), data], env=env, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-  lines = proc.stdout.splitlines()
-  printed = lambda tag: next(line for line in lines if line.startswith(tag + ' '))[len(tag) + 1:]
-  return json.loads(printed('RESULT')), float(printed('NDCG')), json.loads(printed('RERUN')), proc.stdout + proc.stderr
+  return (*(support.printed(proc.stdout, tag) for tag in ('RESULT', 'NDCG', 'RERUN')), proc.stdout + proc.stderr)
 
 
 def test_the_best_validation_step_is_handed_on_and_the_run_stops_early(data, tmp_path):

@@ -142,26 +142,25 @@ def check_replaceable(path: str, overwrite: bool):
                        'remove it yourself or write somewhere else')
 
 
-def remove_abandoned_partials(path: str) -> list[str]:
+def remove_abandoned_partials(path: str) -> None:
   """Removes the hidden `.NAME.partial-PID-*` folders that writers of `path` left when they were killed
   (SIGKILL, a power cut: no cleanup runs) and whose process no longer exists. A live writer's is kept."""
   parent, prefix = os.path.dirname(path), f'.{os.path.basename(path)}.partial-'
-  removed = []
   for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
     pid = entry[len(prefix):].split('-', 1)[0]
-    if not (entry.startswith(prefix) and pid.isdigit()):
-      continue
-    try:
-      os.kill(int(pid), 0)
-      continue  # its writer is still running
-    except ProcessLookupError:
-      pass
-    except PermissionError:  # a live process of another user
-      continue
-    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-    print(f'removed {os.path.join(parent, entry)}, left by an interrupted write (process {pid})')
-    removed.append(entry)
-  return removed
+    if entry.startswith(prefix) and pid.isdigit() and not _process_exists(int(pid)):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+      print(f'removed {os.path.join(parent, entry)}, left by an interrupted write (process {pid})')
+
+
+def _process_exists(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # signal 0: only asks whether the process exists
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # it exists, as another user's
+    return True
+  return True
 
 
 def write_dataset(path: str, *, name: str, items: Sequence[Item], images: Iterable[np.ndarray | None],
