@@ -10,11 +10,14 @@ rematerialised. Load pretrained towers rather than training these from scratch.
 
 from unimp_jax import config as config_lib
 
+# Llama 3.2's rotary scaling (its config.json `rope_scaling`), which the 1b and 3b checkpoints were trained with.
+LLAMA32_ROPE = dict(type='llama3', factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
 LMS = {
     '1b': dict(vocab_size=128256, width=2048, mlp_dim=8192, num_layers=16, num_heads=32, num_kv_heads=8,
-               rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, cross_attn_every=1),
+               rope_theta=500000.0, rope_scaling=LLAMA32_ROPE, norm_eps=1e-5, tie_embeddings=True, cross_attn_every=1),
     '3b': dict(vocab_size=128256, width=3072, mlp_dim=8192, num_layers=28, num_heads=24, num_kv_heads=8,
-               rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, cross_attn_every=2),
+               rope_theta=500000.0, rope_scaling=LLAMA32_ROPE, norm_eps=1e-5, tie_embeddings=True, cross_attn_every=2),
     '7b': dict(vocab_size=32000, width=4096, mlp_dim=11008, num_layers=32, num_heads=32, num_kv_heads=32,
                rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, cross_attn_every=4),
 }

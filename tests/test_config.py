@@ -51,6 +51,9 @@ def test_command_line_overrides_apply_and_unknown_keys_fail():
     (('train.warmup_fraction=1.0',), 'train.warmup_fraction'),
     (('train.clip_norm=0.0',), 'train.clip_norm'),
     (('train.z_loss=nan',), 'train.z_loss'),
+    (('model.lm.rope_scaling.type=yarn',), 'model.lm.rope_scaling.type'),
+    (('model.lm.rope_scaling.factor=0.0',), 'model.lm.rope_scaling.factor'),
+    (('model.lm.rope_scaling.type=llama3', 'model.lm.rope_scaling.low_freq_factor=4.0'), 'model.lm.rope_scaling'),
 ])
 def test_bad_configs_fail_before_compiling_and_name_the_key(overrides, key):
   cfg = config_lib.load('configs/tiny.py', overrides)

@@ -181,16 +181,30 @@ def _perturbed_and_saved(model, directory, torch, max_shard_size='100KB'):
   return model.double().eval()
 
 
-@pytest.mark.parametrize('kind', ['qwen2', 'mistral'])
-def test_sharded_llama_family_checkpoints_import_with_parity(tmp_path, data, kind):
+LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+               'original_max_position_embeddings': 64, 'rope_theta': 5e5}
+
+
+@pytest.mark.parametrize('kind,rope', [
+    ('qwen2', None), ('mistral', None),
+    # Scaled rotary embeddings, as Llama 3.2 (llama3) and long-context fine-tunes (linear) ship them. The
+    # 96-token prompt is longer than llama3's original context here, so every frequency band is exercised.
+    ('llama', LLAMA3_ROPE), ('llama', {'rope_type': 'linear', 'factor': 4.0, 'rope_theta': 1e4})])
+def test_sharded_llama_family_checkpoints_import_with_parity(tmp_path, data, kind, rope):
   torch = _torch()
   directory = str(tmp_path / kind)
-  hf = _perturbed_and_saved(_llama_family(kind, 300, sliding_window=None), directory, torch)
+  overrides = dict(sliding_window=None) if kind == 'mistral' else {}
+  if rope:
+    overrides['rope_parameters'] = dict(rope)
+  hf = _perturbed_and_saved(_llama_family(kind, 300, **overrides), directory, torch)
   assert os.path.exists(os.path.join(directory, files.INDEX))
   tensors = files.Checkpoint(directory)
   cfg = config_lib.base_config()
   mapping.update_llama_config(cfg.model, hf.config, seq_len=cfg.data.seq_len)
   assert cfg.model.lm.qkv_bias == (kind == 'qwen2') and cfg.model.lm.num_kv_heads == 2
+  assert cfg.model.lm.rope_scaling.type == (rope or {}).get('rope_type', 'default')
+  # Exported again, the scaling is written as transformers reads it.
+  assert mapping.causal_lm_config(cfg.model)['rope_parameters'] == (rope or hf.config.rope_parameters)
   model = _model(cfg)
   mapping.load_llama(model, tensors, cfg.model)
 
@@ -201,6 +215,12 @@ def test_sharded_llama_family_checkpoints_import_with_parity(tmp_path, data, kin
     expected = hf(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits.numpy()
   logits = np.asarray(unimp.jit_forward(nnx.split(model)[0])(nnx.state(model), tokens, None, mask))[..., :300]
   np.testing.assert_allclose(logits[mask], expected[mask], atol=1e-4, rtol=0)
+  if rope:  # the scaling matters at these positions: the unscaled model is far off
+    cfg.model.lm.rope_scaling.type = 'default'
+    plain = _model(cfg)
+    mapping.load_llama(plain, tensors, cfg.model)
+    unscaled = np.asarray(unimp.jit_forward(nnx.split(plain)[0])(nnx.state(plain), tokens, None, mask))[..., :300]
+    assert np.abs(unscaled[mask] - expected[mask]).max() > 0.1
 
 
 def test_sliding_window_shorter_than_the_sequence_is_refused(data):
@@ -213,9 +233,11 @@ def test_sliding_window_shorter_than_the_sequence_is_refused(data):
 
 @pytest.mark.parametrize('overrides,says', [
     (dict(hidden_act='gelu'), "hidden_act='gelu'"),
-    (dict(rope_parameters={'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e4}), "rope_type='linear'"),
-    (dict(rope_parameters={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                           'original_max_position_embeddings': 256, 'rope_theta': 5e5}), "rope_type='llama3'"),
+    (dict(rope_parameters={'rope_type': 'dynamic', 'factor': 2.0, 'rope_theta': 1e4}), "rope_type='dynamic'"),
+    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 128,
+                           'rope_theta': 1e4}), "rope_type='yarn'"),
+    (dict(rope_parameters={'rope_type': 'default', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5}),
+     'partial_rotary_factor=0.5'),
 ])
 def test_lm_configs_this_model_would_compute_differently_are_refused(overrides, says):
   import transformers

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from unimp_jax import tasks
 from unimp_jax.data import prompts, semantic_ids, splits
-from unimp_jax.model import items
+from unimp_jax.model import items, layers
 from unimp_jax.sharding import mesh as mesh_lib
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       added_vocab_size=16,
       width=128, mlp_dim=352, num_layers=4, num_heads=4, num_kv_heads=4, rope_theta=10000.0,
       norm_eps=1e-6, tie_embeddings=False, qkv_bias=False,  # qkv_bias: Qwen2's q/k/v projections
+      # Rotary embeddings rescaled for a longer context, as a Hugging Face config's `rope_parameters` says
+      # (type 'linear' or 'llama3', the Llama 3.2 presets' scheme; model.layers.rope_frequencies).
+      rope_scaling=dict(type='default', factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=8192),
       cross_attn_every=2, media_mask='previous', alpha_type='float', alpha_init=0.0, qk_norm=False,
       # Residual dropout in training (token embeddings and every attention and MLP output of the LM);
       # Llama and IDEFICS train without it. Against memorising the training users (eval.every).
@@ -180,8 +184,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   m, v, c, lm = cfg.model, cfg.model.vision, cfg.model.connector, cfg.model.lm
   for key, choices in (('model.dtype', DTYPES), ('model.param_dtype', DTYPES), ('model.remat', REMAT),
                        ('model.vision.act', ACTIVATIONS), ('model.lm.media_mask', MEDIA_MASKS),
-                       ('model.lm.alpha_type', ALPHA_TYPES)):
+                       ('model.lm.alpha_type', ALPHA_TYPES), ('model.lm.rope_scaling.type', layers.ROPE_SCALINGS)):
     _check_choice(cfg, key, choices)
+  rope = lm.rope_scaling
+  _check(math.isfinite(rope.factor) and rope.factor > 0, 'model.lm.rope_scaling.factor', f'{rope.factor}: must be > 0')
+  _check(rope.type != 'llama3' or 0 < rope.low_freq_factor < rope.high_freq_factor, 'model.lm.rope_scaling',
+         f'llama3 needs 0 < low_freq_factor < high_freq_factor (got {rope.low_freq_factor}, {rope.high_freq_factor})')
+  _check(rope.original_max_position_embeddings > 0, 'model.lm.rope_scaling.original_max_position_embeddings',
+         f'{rope.original_max_position_embeddings}: must be > 0')
   _check(v.image_size % v.patch_size == 0, 'model.vision.image_size',
          f'{v.image_size} is not a multiple of model.vision.patch_size={v.patch_size}')
   _check(v.width % v.num_heads == 0, 'model.vision.num_heads',

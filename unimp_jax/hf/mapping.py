@@ -23,6 +23,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from unimp_jax import config as config_lib
+from unimp_jax.model import layers
 
 
 class Layout(NamedTuple):
@@ -292,6 +293,35 @@ def _rope_theta(hf_cfg) -> float:
   return float(params.get('rope_theta', getattr(hf_cfg, 'rope_theta', 10000.0)))
 
 
+def _rope_scaling(hf_cfg) -> dict:
+  """`model.lm.rope_scaling` from a config's `rope_parameters` (transformers 5) or `rope_scaling` (older files);
+  a scheme we do not compute is an error naming it."""
+  rope = getattr(hf_cfg, 'rope_parameters', None) or getattr(hf_cfg, 'rope_scaling', None) or {}
+  kind = rope.get('rope_type', rope.get('type', 'default'))
+  name = getattr(hf_cfg, 'model_type', 'llama')
+  if kind not in layers.ROPE_SCALINGS:
+    raise MappingError(f'{name} config has rope_type={kind!r}; this model computes {layers.ROPE_SCALINGS} rotary '
+                       'embeddings only, and would give other logits')
+  if rope.get('partial_rotary_factor', 1.0) != 1.0:
+    raise MappingError(f'{name} config has partial_rotary_factor={rope["partial_rotary_factor"]}; this model '
+                       'rotates the whole head')
+  scaling = dict(config_lib.base_config().model.lm.rope_scaling, type=kind)
+  scaling.update({key: rope[key] for key in scaling if key in rope and key != 'type'})
+  return scaling
+
+
+def _rope_parameters(lm) -> dict:
+  """Hugging Face's `rope_parameters` for our `model.lm`: only the keys its rope_type reads."""
+  scaling = lm.rope_scaling
+  params = {'rope_type': scaling.type, 'rope_theta': lm.rope_theta}
+  if scaling.type != 'default':
+    params['factor'] = scaling.factor
+  if scaling.type == 'llama3':
+    params.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                  original_max_position_embeddings=scaling.original_max_position_embeddings)
+  return params
+
+
 def update_vision_config(model_cfg, hf_vision) -> None:
   width = getattr(hf_vision, 'embed_dim', None) or hf_vision.hidden_size
   model_cfg.vision.update(
@@ -315,11 +345,6 @@ def update_llama_config(model_cfg, hf_llama, *, seq_len: int | None = None) -> N
   act = getattr(hf_llama, 'hidden_act', 'silu')
   if act != 'silu':
     raise MappingError(f'{model_type} config has hidden_act={act!r}; the LM MLP is SwiGLU (silu)')
-  rope = getattr(hf_llama, 'rope_parameters', None) or getattr(hf_llama, 'rope_scaling', None) or {}
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  if rope_type != 'default':
-    raise MappingError(f'{model_type} config has rope_type={rope_type!r} (scaled rotary embeddings); this model '
-                       'implements unscaled ones only, and would give other logits')
   window = getattr(hf_llama, 'sliding_window', None)
   if window is not None and seq_len is not None and window < seq_len:
     raise MappingError(f'{model_type} config has sliding_window={window} < config.data.seq_len={seq_len}; this '
@@ -331,7 +356,7 @@ def update_llama_config(model_cfg, hf_llama, *, seq_len: int | None = None) -> N
       vocab_size=hf_llama.vocab_size, width=hf_llama.hidden_size, mlp_dim=hf_llama.intermediate_size,
       num_layers=hf_llama.num_hidden_layers, num_heads=hf_llama.num_attention_heads,
       num_kv_heads=getattr(hf_llama, 'num_key_value_heads', None) or hf_llama.num_attention_heads,
-      rope_theta=_rope_theta(hf_llama), norm_eps=hf_llama.rms_norm_eps,
+      rope_theta=_rope_theta(hf_llama), rope_scaling=_rope_scaling(hf_llama), norm_eps=hf_llama.rms_norm_eps,
       tie_embeddings=bool(hf_llama.tie_word_embeddings), qkv_bias=model_type == 'qwen2')
 
 
@@ -351,7 +376,7 @@ def model_config_from_idefics(hf_cfg):
       vocab_size=hf_cfg.vocab_size, added_vocab_size=hf_cfg.additional_vocab_size, width=hf_cfg.hidden_size,
       mlp_dim=hf_cfg.intermediate_size, num_layers=hf_cfg.num_hidden_layers,
       num_heads=hf_cfg.num_attention_heads, num_kv_heads=hf_cfg.num_attention_heads,
-      rope_theta=_rope_theta(hf_cfg), norm_eps=hf_cfg.rms_norm_eps,
+      rope_theta=_rope_theta(hf_cfg), rope_scaling=_rope_scaling(hf_cfg), norm_eps=hf_cfg.rms_norm_eps,
       tie_embeddings=bool(hf_cfg.tie_word_embeddings), cross_attn_every=hf_cfg.cross_layer_interval,
       alpha_type=hf_cfg.alpha_type, qk_norm=bool(hf_cfg.qk_layer_norms))
   return model_cfg
@@ -375,7 +400,7 @@ def idefics_config(model_cfg, **special_tokens) -> dict:
       vocab_size=lm.vocab_size, additional_vocab_size=lm.added_vocab_size, hidden_size=lm.width,
       intermediate_size=lm.mlp_dim, num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
       hidden_act='silu', rms_norm_eps=lm.norm_eps, tie_word_embeddings=lm.tie_embeddings,
-      rope_parameters={'rope_type': 'default', 'rope_theta': lm.rope_theta},
+      rope_parameters=_rope_parameters(lm),
       cross_layer_interval=lm.cross_attn_every, qk_layer_norms=lm.qk_norm, alpha_type=lm.alpha_type,
       alpha_initializer='zeros',  # transformers crashes on 'normal' with alpha_type='float'
       use_resampler=True, freeze_text_layers=False, freeze_vision_layers=False,
@@ -397,4 +422,4 @@ def causal_lm_config(model_cfg, **special_tokens) -> dict:
       hidden_size=lm.width, intermediate_size=lm.mlp_dim, num_hidden_layers=lm.num_layers,
       num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads, hidden_act='silu',
       rms_norm_eps=lm.norm_eps, tie_word_embeddings=lm.tie_embeddings,
-      rope_parameters={'rope_type': 'default', 'rope_theta': lm.rope_theta}, **special_tokens)
+      rope_parameters=_rope_parameters(lm), **special_tokens)

@@ -7,7 +7,9 @@ Parameters may carry leading *stack* dimensions (one per scanned layer axis): a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +85,43 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+ROPE_SCALINGS = ('default', 'linear', 'llama3')  # the rope_type values of Hugging Face configs we compute
+
+
+class RopeScaling(NamedTuple):
+  """`model.lm.rope_scaling`, hashable (a static attribute of the LM). Field names are Hugging Face's."""
+  type: str = 'default'
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> jax.Array:
+  """The rotary inverse frequencies [head_dim / 2], optionally rescaled for a longer context as Hugging Face
+  does: 'linear' divides every frequency by `factor`; 'llama3' (Llama 3.1/3.2) divides the low frequencies
+  by `factor`, keeps the high ones, and interpolates between `low_freq_factor` and `high_freq_factor`."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  kind = scaling.type
+  if kind == 'linear':
+    return inv_freq / scaling.factor
+  if kind == 'llama3':
+    context, low, high = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    return jnp.where(wavelen > context / low, inv_freq / scaling.factor,
+                     jnp.where(wavelen < context / high, inv_freq, interpolated))
+  if kind != 'default':
+    raise ValueError(f'rope scaling {kind!r} is not one of {ROPE_SCALINGS}')
+  return inv_freq
+
+
+def rope_tables(positions_bt: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
   """cos/sin [B, T, 1, head_dim] for the rotate-half layout of Hugging Face Llama checkpoints.
 
   Computed once per forward pass and shared by every layer.
   """
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
   angles_btd = jnp.concatenate([angles_btf, angles_btf], -1)[:, :, None, :]
   return jnp.cos(angles_btd), jnp.sin(angles_btd)

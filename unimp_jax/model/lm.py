@@ -132,7 +132,7 @@ class LanguageModel(nnx.Module):
     d, v, a = cfg.width, cfg.vocab_size, cfg.added_vocab_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.dtype, self.remat, self.unroll, self.dropout = v, dtype, remat, unroll, cfg.dropout
-    self.head_dim, self.rope_theta = d // cfg.num_heads, cfg.rope_theta
+    self.rope = (d // cfg.num_heads, cfg.rope_theta, layers.RopeScaling(**cfg.rope_scaling))
     num_groups = cfg.num_layers // cfg.cross_attn_every
     self.cache_dims = (num_groups, cfg.cross_attn_every, cfg.num_kv_heads, d // cfg.num_heads)
     self.embed = layers.param(rngs, layers.normal(0.02), (v, d), ('vocab', 'embed'), param_dtype)
@@ -177,7 +177,7 @@ class LanguageModel(nnx.Module):
     use_images = latents_bmd is not None or cross_kv is not None
     gate_bt = cross_mask_btm.any(-1) if use_images else None
     collect_cross = cache_kv is not None and cross_kv is None and use_images
-    rope_tables = layers.rope_tables(positions_bt, self.head_dim, self.rope_theta)
+    rope_tables = layers.rope_tables(positions_bt, layers.rope_frequencies(*self.rope))
 
     def group_step(group, x, xs):
       self_kv, group_cross_kv, group_key = xs
