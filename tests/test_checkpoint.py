@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import re
+import shutil
 import textwrap
 
 import grain
@@ -231,6 +232,49 @@ def test_a_step_restored_with_nan_counts_as_damaged_and_is_set_aside(tmp_path, d
   _assert_same_values(state, _tiny_state(1, sharding))
   assert any("['params']['w'] holds NaN or inf" in r.getMessage() for r in caplog.records)
   assert [n.split('-')[0] for n in os.listdir(f'{directory}/unrestorable')] == ['2']
+
+
+def test_a_step_whose_arrays_differ_from_their_checksums_is_set_aside(tmp_path, devices, caplog):
+  """Damage that decodes to other finite numbers (here: step 2's arrays replaced by another save's) is
+  caught by the checksums saved with the step, which is set aside; the previous one is restored."""
+  caplog.set_level(logging.WARNING)
+  sharding = NamedSharding(jax.make_mesh((8,), ('data',), devices=devices), PartitionSpec('data'))
+  directory, other = str(tmp_path / 'run'), str(tmp_path / 'other')
+  _save_steps(directory, [1, 2], sharding)
+  _save_steps(other, [1, 5], sharding)
+  shutil.rmtree(f'{directory}/2/state')
+  shutil.copytree(f'{other}/5/state', f'{directory}/2/state')
+  state, step, position = _restore_with_position(directory, sharding)
+  assert (step, position) == (1, 1)
+  _assert_same_values(state, _tiny_state(1, sharding))
+  assert any("['params']['w'] does not match the checksum saved with it" in r.getMessage() for r in caplog.records)
+  assert [n.split('-')[0] for n in os.listdir(f'{directory}/unrestorable')] == ['2']
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int8', 'bool', 'key'])
+def test_checksums_follow_every_bit_and_position_whatever_the_sharding(devices, dtype):
+  """The sums equal numpy's on the raw bits, on one device and sharded over 8, and one flipped bit or
+  two swapped elements change them."""
+  rng = np.random.default_rng(0)
+  if dtype == 'key':
+    value = jax.random.split(jax.random.key(0), 16)
+    raw = np.asarray(jax.random.key_data(value)).view(np.uint32)
+  else:
+    value = (rng.standard_normal((16, 6)) * 3).astype(jnp.dtype(dtype)) if dtype != 'bool' else rng.random((16, 6)) > .5
+    raw = np.asarray(value)
+    raw = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[raw.dtype.itemsize]) \
+        if raw.dtype != bool else raw
+  words = raw.reshape(-1).astype(np.uint64)
+  expected = [int(words.sum() % 2**32), int((words * np.arange(1, words.size + 1)).sum() % 2**32)]
+  sharded = jax.device_put(value, NamedSharding(jax.make_mesh((8,), ('data',), devices=devices), PartitionSpec('data')))
+  assert checkpoint_lib.checksums({'x': value}) == checkpoint_lib.checksums({'x': sharded}) == {"['x']": expected}
+  if dtype not in ('key', 'bool'):
+    flipped, swapped = np.array(value), np.array(value)
+    flipped.view(np.uint8)[5] ^= 1
+    swapped[[0, 1]] = swapped[[1, 0]]
+    if not np.array_equal(swapped, value):
+      for changed in (flipped, swapped):
+        assert checkpoint_lib.checksums({'x': changed}) != {"['x']": expected}
 
 
 # Saves step 3 in a fresh process that dies (no cleanup, no exception handling) at the moment orbax

@@ -6,6 +6,7 @@ One orbax CheckpointManager directory; each step is a folder of items, none of t
                                every process writes shard by shard, with JSON metadata
                     /data      each process's Grain iterator state (JSON), so a resumed run sees the next batch
                     /config    the run's config (JSON)
+                    /checksums two 32-bit sums of every state array's bits (JSON), checked on restore
                     /metrics   the metrics best-checkpoint retention ranks by (JSON; only with `best_metric`)
 
 Saves are asynchronous: `save` returns once the arrays are copied to host memory (so the next step may
@@ -17,7 +18,9 @@ folder, never a partial `<step>/`. Steps are found by listing `<step>/` folders,
 restored; a writable `Checkpointer` reports and deletes it when it opens the directory. (Not orbax's
 `cleanup_tmp_directories`: that runs in the background and can outlive `close`, racing the next opener.)
 
-A finished step can still go bad afterwards (a file deleted, truncated or garbled on disk). `restore`
+A finished step can still go bad afterwards (a file deleted, truncated or garbled on disk). Garbled bytes
+can decode without a read error, so what `restore` reads is compared with the checksums saved beside it
+(and must be finite: training never saves NaN). `restore`
 tries the newest step first and falls back to older ones, logging which step folder failed and why. A
 step is only judged bad when an older one restores with the same `abstract_state`; then it is moved to
 `DIRECTORY/unrestorable/` so that it neither shadows new saves (orbax refuses to save at or below the
@@ -34,6 +37,7 @@ from collections.abc import Callable, Mapping
 import grain
 import jax
 import jax.experimental.multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -99,6 +103,7 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    items['checksums'] = ocp.args.JsonSave(checksums(state))
     if config is not None:
       items['config'] = ocp.args.JsonSave(config.to_dict() if hasattr(config, 'to_dict') else dict(config))
     if metrics is not None:
@@ -133,8 +138,8 @@ class Checkpointer:
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       return ocp.args.Composite(**items)
 
-    restored, good_step, bad_steps = _restore_newest(self._manager, self.directory, args, step,
-                                                     check=lambda items: _require_finite(items['state']))
+    restored, good_step, bad_steps = _restore_newest(
+        self._manager, self.directory, args, step, check=lambda items, step: self._verify(items['state'], step))
     if bad_steps:
       self._set_aside(bad_steps)
     return restored['state'], good_step
@@ -156,6 +161,16 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+  def _verify(self, state, step: int) -> None:
+    """Raises if `state`, read back from `step`, is not what was saved. Steps saved before checksums were
+    (none on disk) are only checked for NaN."""
+    _require_finite(state)
+    if (_step_dir(self.directory, step) / 'checksums').exists():
+      saved = self._manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))['checksums']
+      for path, (expected, got) in _pairs(saved, checksums(state)):
+        if expected != got:
+          raise CheckpointError(f'{path} does not match the checksum saved with it: the checkpoint files are damaged')
 
   def _set_aside(self, steps: list[int]):
     """Moves bad step folders to DIRECTORY/unrestorable/ (process 0 renames; every process reloads)."""
@@ -304,6 +319,50 @@ def init_params(directory: str, params: dict, *, step: int | None = None) -> tup
 # Finding a step that restores
 # --------------------------------------------------------------------------------------------------
 
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32, one per element (two per element of a 64-bit dtype)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _sums(state):
+  """Per array: the sum of its words, and their sum weighted by 1 + position (mod 2**32, so any order of
+  adding gives the same; the position comes from iotas, so no array is reshaped across its shards). One
+  changed word changes the first; two swapped ones change the second."""
+  def one(x):
+    words = _words(x)
+    position, stride = jnp.zeros(words.shape, jnp.uint32), 1
+    for axis in reversed(range(words.ndim)):
+      position += jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
+      stride = stride * words.shape[axis] % 2**32
+    return jnp.stack([words.sum(dtype=jnp.uint32), (words * (position + 1)).sum(dtype=jnp.uint32)])
+  return jax.tree.map(one, state)
+
+
+def checksums(state) -> dict[str, list[int]]:
+  """{"['params']['lm']...": [sum, weighted sum]} of every array in `state` (see `_sums`). One computation
+  per set of devices the arrays live on (a jitted computation takes one; a scalar may sit on one device)."""
+  groups = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    devices = frozenset(x.sharding.device_set) if isinstance(x, jax.Array) else None
+    groups.setdefault(devices, {})[jax.tree_util.keystr(path)] = x
+  return {name: [int(v) for v in value]
+          for group in groups.values() for name, value in jax.device_get(_sums(group)).items()}
+
+
+def _pairs(saved: Mapping, current: Mapping):
+  """(path, (saved, current)) for every array `current` holds; an array missing from `saved` is an error."""
+  for path, value in current.items():
+    if path not in saved:
+      raise CheckpointError(f'{path} has no saved checksum: the checkpoint files are damaged')
+    yield path, (list(saved[path]), value)
+
+
 def _require_finite(state) -> None:
   """Raises if a floating-point array of `state` holds NaN or inf. Training never saves such a state (its
   step keeps the previous state when the update is not finite), so one read back means the files were
@@ -320,7 +379,7 @@ def _require_finite(state) -> None:
 def _restore_newest(manager: ocp.CheckpointManager, directory: str, make_args: Callable, step: int | None,
                     check: Callable | None = None):
   """(restored items, step, newer steps that failed). Tries `step` only, or every step newest first; a
-  step whose restored items `check` raises on counts as failed."""
+  step whose restored items `check(items, step)` raises on counts as failed."""
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f'no checkpoint in {directory}')
@@ -329,7 +388,7 @@ def _restore_newest(manager: ocp.CheckpointManager, directory: str, make_args: C
     try:
       restored = manager.restore(candidate, args=make_args())
       if check is not None:
-        check(restored)
+        check(restored, candidate)
       return restored, candidate, [s for s, _ in failures]
     except Exception as e:  # noqa: BLE001 -- any read error means "this step is unusable"; the next is tried
       reason, last_error = _one_line(e), e
