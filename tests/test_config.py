@@ -97,20 +97,27 @@ def test_summary_command_prints_counts_and_shardings():
   assert f'{total:,d}' in out
 
 
-@pytest.mark.parametrize('override,says', [
-    ('train.stepz=5', 'unknown key \'stepz\'; Did you mean "steps"'),
-    ('train.steps=abc', '--config.train.steps=abc'),
-    ('train.steps=-5', 'config.train.steps: -5: must be >= 1'),
-    ('data.path={tmp}/mistyped/fashion', 'config.data.path: no dataset at'),
+@pytest.mark.parametrize('args,says', [
+    (['--config.train.stepz=5'], 'unknown key \'stepz\'; Did you mean "steps"'),
+    (['--config.train.steps=abc'], '--config.train.steps=abc'),
+    (['--config.train.steps=-5'], 'config.train.steps: -5: must be >= 1'),
+    (['--config.data.path={tmp}/mistyped/fashion'], 'config.data.path: no dataset at'),
+    (['--workdir={tmp}/a_file/run'], 'a_file/run: cannot write there (Not a directory)'),
 ])
-def test_the_main_job_refuses_a_bad_config_in_one_line(tmp_path, override, says):
-  env = support.subprocess_env()
-  proc = subprocess.run([sys.executable, '-m', 'unimp_jax.main', '--config', 'configs/tiny.py', '--workdir',
-                         str(tmp_path / 'run'), f'--config.{override.format(tmp=tmp_path)}'],
-                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_the_main_job_refuses_a_bad_config_in_one_line(tmp_path, args, says):
+  (tmp_path / 'a_file').write_text('')
+  proc = subprocess.run([sys.executable, '-m', 'unimp_jax.main', '--config', 'configs/tiny.py',
+                         f'--workdir={tmp_path}/run', *(a.format(tmp=tmp_path) for a in args)],
+                        env=support.subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and says in proc.stderr
   assert not (tmp_path / 'mistyped').exists() and not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_a_workdir_no_file_can_be_written_in_is_refused_at_start_up():
+  """An existing folder that refuses new files, for any user including root (/proc on Linux)."""
+  with pytest.raises(config_lib.ConfigError, match='--workdir /proc: cannot write there'):
+    config_lib.make_workdir('/proc')
 
 
 def test_transformers_advisories_are_silenced_by_importing_the_package():

@@ -90,7 +90,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   base, workdir, name, cache, variants = f.config, f.workdir, f.dataset, f.cache, f.variants
-  os.makedirs(workdir, exist_ok=True)
+  config_lib.make_workdir(workdir)
   if name == 'movielens':
     base.data.path = movielens.prepare(cache, os.path.join(cache, 'ml-100k-unified'),
                                        seed=base.seed, image_size=base.model.vision.image_size)

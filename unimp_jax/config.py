@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 
 import ml_collections
 from absl import app, flags
@@ -332,6 +333,17 @@ def resume_changes(saved: dict, cfg: ml_collections.ConfigDict) -> tuple[list[st
       line = f'config.{key}: {before[key]!r} in the checkpoint, {now[key]!r} now'
       (allowed if key in RESUME_MAY_CHANGE else refused).append(line)
   return refused, allowed
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates `--workdir` and checks that a file can be written in it, so that a read-only or misnamed
+  folder fails at start-up in one line (ConfigError), not at the first save after compiling."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f'--workdir {workdir}: cannot write there ({e.strerror or e})') from None
 
 
 def run_main(main) -> None:

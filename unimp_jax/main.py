@@ -48,7 +48,7 @@ def main(argv):
   del argv
   start_processes()
   cfg, workdir = _CONFIG.value, _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
+  config_lib.make_workdir(workdir)
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
   run = trainer.train(cfg, workdir)

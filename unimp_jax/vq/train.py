@@ -212,7 +212,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
+  config_lib.make_workdir(workdir)
   graphdef, params, images, train_ids, held_out = train(cfg, workdir)
   if jax.process_index() == 0:
     codes_lib.write(os.path.join(workdir, codes_lib.FILE), reconstruct(graphdef, params, images)[0],
