@@ -279,10 +279,12 @@ def test_hm_bad_bytes_are_blamed_on_their_line(tmp_path):
 # 7: 3, 5 (2 ratings: dropped by the 3-user core, and with it movies 3 and 5).
 
 @pytest.mark.parametrize('source', ['ml-100k', 'recbole'])
-def test_movielens_without_images_converts_end_to_end(tmp_path, source):
+def test_movielens_without_images_converts_end_to_end(tmp_path, source, capsys):
   manifest = convert.main(['movielens', '--root', os.path.join(RAW, 'movielens', source), '--out',
                            str(tmp_path / 'out'), '--min_user_interactions', '3', '--min_item_interactions', '2',
                            *FAST])
+  progress = capsys.readouterr().err  # progress bars on stderr: every file read to its end, every item written
+  assert re.search(r'reading (u\.data|ml-100k\.inter): 100%', progress) and 'writing pictures: 100%' in progress, progress
   assert manifest['counts'] == {'items': 4, 'items_with_image': 0, 'users': 3, 'interactions': 9}
   ds, users, order = _read(tmp_path / 'out')
   assert order == ['186', '196', '22']

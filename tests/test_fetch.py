@@ -235,6 +235,7 @@ def test_cli(server, tmp_path, capsys):
   assert json.loads(captured.out) == {'downloaded': 1, 'skipped': 0, 'failed': 1,
                                       'failures': os.path.join(out, 'failures.tsv')}
   assert f'1 of 2 downloads failed; the reasons are in {out}/failures.tsv' in captured.err
+  assert 'fetching: 100%' in captured.err and '2/2' in captured.err  # the progress bar
 
 
 def test_the_command_exits_non_zero_when_a_download_failed(server, tmp_path):

@@ -44,6 +44,7 @@ import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
+import tqdm
 
 from unimp_jax.data import images as images_lib
 from unimp_jax.data import prompts
@@ -148,19 +149,25 @@ def _text(value: Any) -> str:
 # ---- reading files, with errors that name file and line ----------------------------------------------
 
 def _lines(path: str, encoding: str = 'utf-8'):
-  """(1-based line number, line without its newline) of a plain or gzipped file; blank lines skipped."""
+  """(1-based line number, line without its newline) of a plain or gzipped file; blank lines skipped. A
+  progress bar on stderr follows the bytes read from disk (compressed bytes for a gzipped file)."""
   with open(path, 'rb') as f:
     gzipped = f.read(2) == b'\x1f\x8b'
   number = 0
   try:
-    with (gzip.open if gzipped else open)(path, 'rb') as f:
+    with open(path, 'rb') as on_disk, (gzip.open(on_disk) if gzipped else on_disk) as f, tqdm.tqdm(
+        total=os.path.getsize(path), desc=f'reading {os.path.basename(path)}', unit='B', unit_scale=True,
+        dynamic_ncols=True, mininterval=1) as progress:
       for number, raw in enumerate(f, 1):
+        if number % 4096 == 0:
+          progress.update(on_disk.tell() - progress.n)
         try:
           line = raw.decode(encoding).rstrip('\r\n')
         except UnicodeDecodeError as e:
           raise DatasetError(f'{path}:{number}: not {encoding} text ({e})') from None
         if line.strip():
           yield number, line
+      progress.update(progress.total - progress.n)
   except (OSError, EOFError, zlib.error) as e:
     raise DatasetError(f'{path}:{number + 1}: cannot read ({e})') from None
 
@@ -430,7 +437,9 @@ def bad_images(paths: dict[str, str], size: int) -> dict[str, str]:
 
   ids = sorted(paths)
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-    return {i: e for i, e in zip(ids, pool.map(error, ids)) if e is not None}
+    errors = tqdm.tqdm(pool.map(error, ids), total=len(ids), desc='checking pictures', unit='picture',
+                       dynamic_ncols=True, mininterval=1)
+    return {i: e for i, e in zip(ids, errors) if e is not None}
 
 
 def item_permutation(source_ids: list[str], seed: int) -> dict[str, int]:
@@ -496,7 +505,7 @@ def build(raw: Raw, opts: Options, source_format: str) -> dict[str, Any]:
   if opts.cold_after is not None:
     extra.update(cutoff=opts.cold_after, cold_items=cold_items)
   stream = (images_lib.load(raw.image_paths[it.source_id], opts.image_size) if it.has_image else None
-            for it in items)
+            for it in tqdm.tqdm(items, desc='writing pictures', unit='item', dynamic_ncols=True, mininterval=1))
   return write_dataset(opts.out, name=opts.name, items=items, images=stream, users=users,
                        image_size=opts.image_size, split_seed=opts.seed, tokenizer=tokenizer, extra=extra,
                        overwrite=opts.overwrite)

@@ -27,6 +27,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
+import tqdm
+
 from unimp_jax.data import images
 
 FAILURES_FILE = 'failures.tsv'
@@ -148,9 +150,10 @@ def fetch(urls_path: str, out_dir: str, *, workers: int = 16, timeout: float = 1
   paths = {item_id: os.path.join(out_dir, f'{item_id}.jpg') for item_id, _ in rows}
   todo = [(item_id, url) for item_id, url in rows if not os.path.exists(paths[item_id])]
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    reasons = list(pool.map(
+    reasons = list(tqdm.tqdm(pool.map(
         lambda row: fetch_one(*row, paths[row[0]], timeout=timeout, retries=retries,
-                              max_bytes=max_bytes, backoff_s=backoff_s), todo))
+                              max_bytes=max_bytes, backoff_s=backoff_s), todo),
+        total=len(todo), desc='fetching', unit='picture', dynamic_ncols=True, mininterval=1))
   failures = [(item_id, url, reason) for (item_id, url), reason in zip(todo, reasons) if reason]
   lines = ['\t'.join(' '.join(field.split()) for field in failure) + '\n' for failure in failures]
   _write_atomic(os.path.join(out_dir, FAILURES_FILE), ''.join(lines).encode('utf-8'))
