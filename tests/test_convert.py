@@ -326,6 +326,29 @@ def test_movielens_grouplens_and_recbole_files_give_the_same_dataset(tmp_path):
     assert _bytes(tmp_path / 'ml-100k' / name) == _bytes(tmp_path / 'recbole' / name)
 
 
+@pytest.mark.parametrize('source_format,meta,reviews,message', [
+    # 2018 metadata is JSON, which Python literals include: only its keys tell it apart.
+    ('amazon2014', 'amazon2018/meta_All_Beauty.json', 'amazon2018/All_Beauty_5.json',
+     r"meta_All_Beauty.json:1: this record has 'category', 'imageURL', 'imageURLHighRes', 'main_cat', 'also_buy', "
+     r"'also_view', which amazon2018 metadata has, .*: convert it as amazon2018"),
+    ('amazon2018', 'amazon2014/meta_Beauty.json', 'amazon2014/reviews_Beauty_5.json',
+     r'meta_Beauty.json:1: cannot parse the line .*amazon2014 metadata is Python-literal lines'),
+    ('amazon2018', 'amazon2018/meta_All_Beauty.json', 'EMPTY',
+     r'no interactions in .*meta_All_Beauty.json, .*EMPTY: the files hold no records'),
+    ('amazon2018', 'amazon2018/meta_All_Beauty.json', 'amazon2014/reviews_Beauty_5.json',
+     r"none of the \d+ interactions names an item of the metadata \(e.g. 'B00BEAUTY\d', and the metadata has "
+     r"e.g. 'B018BEAU01'\); are the files of the same dataset\?"),
+])
+def test_the_wrong_format_or_empty_or_unrelated_files_are_named_not_blamed_on_k_core(
+    tmp_path, source_format, meta, reviews, message):
+  (tmp_path / 'EMPTY').write_text('\n')
+  path = lambda name: str(tmp_path / name) if name == 'EMPTY' else os.path.join(RAW, name)
+  with pytest.raises(DatasetError, match=message):
+    convert.main([source_format, '--meta', path(meta), '--reviews', path(reviews), '--out', str(tmp_path / 'out'),
+                  *FAST])
+  assert not os.path.exists(tmp_path / 'out')
+
+
 def test_cli_exits_with_the_file_and_line_of_a_malformed_record(tmp_path):
   root = tmp_path / 'ml'
   shutil.copytree(os.path.join(RAW, 'movielens', 'ml-100k'), root)

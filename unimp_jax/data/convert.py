@@ -172,14 +172,15 @@ def _lines(path: str, encoding: str = 'utf-8'):
     raise DatasetError(f'{path}:{number + 1}: cannot read ({e})') from None
 
 
-def _dict_lines(path: str, parse):
-  """(where, dict) per line, `parse` being json.loads or ast.literal_eval (never eval)."""
+def _dict_lines(path: str, parse, hint: str = ''):
+  """(where, dict) per line, `parse` being json.loads or ast.literal_eval (never eval); `hint` is added to
+  the error of a line that does not parse."""
   for number, line in _lines(path):
     where = f'{path}:{number}'
     try:
       record = parse(line)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-      raise DatasetError(f'{where}: cannot parse the line ({type(e).__name__}: {e})') from None
+      raise DatasetError(f'{where}: cannot parse the line ({type(e).__name__}: {e}){hint}') from None
     if not isinstance(record, dict):
       raise DatasetError(f'{where}: expected a dict, got {type(record).__name__}')
     yield where, record
@@ -259,22 +260,42 @@ def _category(levels: Any) -> str:
   return names[-1] if names else ''
 
 
-def _read_amazon(meta_paths: list[str], review_paths: list[str], images_dir: str | None, *, parse,
+# Metadata keys only one Amazon release has: a record with the other's and none of its own is the other format.
+AMAZON_KEYS = {'amazon2014': ('categories', 'imUrl', 'salesRank', 'related'),
+               'amazon2018': ('category', 'imageURL', 'imageURLHighRes', 'main_cat', 'also_buy', 'also_view')}
+AMAZON_SYNTAX = {'amazon2014': ast.literal_eval, 'amazon2018': json.loads}
+
+
+def _amazon_meta(source_format: str, paths: list[str]):
+  """(where, record) per metadata line of `source_format`, refusing files of the other release by name."""
+  other = next(f for f in AMAZON_KEYS if f != source_format)
+  hint = ('; amazon2014 metadata is Python-literal lines, amazon2018 JSON lines: is the format argument right?'
+          if source_format == 'amazon2018' else '')
+  for path in paths:
+    for where, m in _dict_lines(path, AMAZON_SYNTAX[source_format], hint):
+      theirs = [k for k in AMAZON_KEYS[other] if k in m]
+      if theirs and not any(k in m for k in AMAZON_KEYS[source_format]):
+        raise DatasetError(f'{where}: this record has {", ".join(map(repr, theirs))}, which {other} metadata has, and '
+                           f'none of {", ".join(map(repr, AMAZON_KEYS[source_format]))}, which {source_format} '
+                           f'metadata has: convert it as {other}')
+      yield where, m
+
+
+def _read_amazon(source_format: str, meta_paths: list[str], review_paths: list[str], images_dir: str | None, *,
                  category_levels) -> Raw:
   if images_dir is not None and not os.path.isdir(images_dir):
     raise DatasetError(f'--images {images_dir} is not a directory')
   items: dict[str, Item] = {}
   duplicates = 0
-  for path in meta_paths:
-    for where, m in _dict_lines(path, parse):
-      asin = _required(m, 'asin', (str,), where)
-      if asin in items:   # the 2018 metadata repeats some products: the first line wins
-        duplicates += 1
-        continue
-      title, category = _text(m.get('title')), _category(category_levels(m))
-      items[asin] = Item(source_id=asin, title=title, brand=_text(m.get('brand')), category=category,
-                         price=price(m.get('price')), description=_text(m.get('description')),
-                         keywords=keywords(title, category))
+  for where, m in _amazon_meta(source_format, meta_paths):
+    asin = _required(m, 'asin', (str,), where)
+    if asin in items:   # the 2018 metadata repeats some products: the first line wins
+      duplicates += 1
+      continue
+    title, category = _text(m.get('title')), _category(category_levels(m))
+    items[asin] = Item(source_id=asin, title=title, brand=_text(m.get('brand')), category=category,
+                       price=price(m.get('price')), description=_text(m.get('description')),
+                       keywords=keywords(title, category))
   image_paths = {} if images_dir is None else {a: os.path.join(images_dir, f'{a}.jpg') for a in items}
   return Raw(items, image_paths, _amazon_reviews(review_paths), inputs=[*meta_paths, *review_paths],
              notes={'duplicate_meta_lines': duplicates})
@@ -294,13 +315,11 @@ IMAGE_URL = {  # the best picture URL of a metadata record, per format
 def write_image_urls(source_format: str, meta: list[str], out: str) -> int:
   """`asin<TAB>url` for every product with a picture URL: the input of `python -m unimp_jax.data.fetch`,
   whose output directory is then this converter's `--images`. Returns the number of lines."""
-  parse = ast.literal_eval if source_format == 'amazon2014' else json.loads
   urls = {}
-  for path in meta:
-    for where, m in _dict_lines(path, parse):
-      asin, url = _required(m, 'asin', (str,), where), IMAGE_URL[source_format](m)
-      if url and asin not in urls:
-        urls[asin] = url
+  for where, m in _amazon_meta(source_format, meta):
+    asin, url = _required(m, 'asin', (str,), where), IMAGE_URL[source_format](m)
+    if url and asin not in urls:
+      urls[asin] = url
   with open(out, 'w') as f:
     f.writelines(f'{asin}\t{url}\n' for asin, url in urls.items())
   return len(urls)
@@ -310,11 +329,11 @@ def read_amazon2014(meta: list[str], reviews: list[str], images_dir: str | None 
   def first_path(m):   # "categories": a list of category paths
     paths = m.get('categories')
     return paths[0] if isinstance(paths, list) and paths else []
-  return _read_amazon(meta, reviews, images_dir, parse=ast.literal_eval, category_levels=first_path)
+  return _read_amazon('amazon2014', meta, reviews, images_dir, category_levels=first_path)
 
 
 def read_amazon2018(meta: list[str], reviews: list[str], images_dir: str | None = None) -> Raw:
-  return _read_amazon(meta, reviews, images_dir, parse=json.loads, category_levels=lambda m: m.get('category'))
+  return _read_amazon('amazon2018', meta, reviews, images_dir, category_levels=lambda m: m.get('category'))
 
 
 def read_hm(root: str) -> Raw:
@@ -450,7 +469,15 @@ def item_permutation(source_ids: list[str], seed: int) -> dict[str, int]:
 
 def build(raw: Raw, opts: Options, source_format: str) -> dict[str, Any]:
   """Raw -> unified dataset at opts.out; returns the manifest."""
+  inputs = ', '.join(raw.inputs)
+  if not raw.items or not raw.events:
+    raise DatasetError(f'no {"items" if not raw.items else "interactions"} in {inputs}: the files hold no records of '
+                       'that kind')
   events = [e for e in raw.events if e.item in raw.items]
+  if not events:
+    raise DatasetError(f'none of the {len(raw.events)} interactions names an item of the metadata (e.g. '
+                       f'{raw.events[0].item!r}, and the metadata has e.g. {next(iter(raw.items))!r}); are the '
+                       f'files of the same dataset? ({inputs})')
   unknown = collections.Counter(e.item for e in raw.events if e.item not in raw.items)
   if unknown:
     print(f'skipped {sum(unknown.values())} interaction(s) with {len(unknown)} item(s) missing from the metadata: '
