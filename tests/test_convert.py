@@ -252,6 +252,21 @@ def test_hm_keeps_chronological_order_with_stable_ties(tmp_path):
     np.testing.assert_allclose(ds.images([ds.items.index(_item(ds, aid))])[0].reshape(-1, 3).mean(0), rgb, atol=12)
 
 
+def test_hm_without_its_images_folder_converts_with_keep_and_the_items_have_no_picture(tmp_path):
+  root, _ = _hm(tmp_path)
+  shutil.rmtree(root / 'images')
+  args = ['hm', '--root', str(root), '--min_user_interactions', '2', '--min_item_interactions', '2', *FAST]
+  with pytest.raises(DatasetError, match='or keep to keep them without a picture'):
+    convert.main([*args, '--out', str(tmp_path / 'failed')])
+  manifest = convert.main([*args, '--out', str(tmp_path / 'out'), '--on_bad_image', 'keep'])
+  # The same catalogue and histories as with the pictures (k-core is not re-applied), none with a picture.
+  assert manifest['counts'] == {'items': 4, 'items_with_image': 0, 'users': 3, 'interactions': 9}
+  assert len(manifest['extra']['bad_images']) == 4 and manifest['extra']['on_bad_image'] == 'keep'
+  ds, users, _ = _read(tmp_path / 'out')
+  assert not any(it.has_image for it in ds.items) and not ds.images(np.arange(4)).any()
+  assert _sequence(ds, users['cccc3333']) == [('0108775044', None), ('0111565001', None), ('0108775044', None)]
+
+
 @pytest.mark.parametrize('line, message', [('2018-09-20,bbbb2222,0110065001,0.03', '4 fields, the header has 5'),
                                            ('20/09/2018,bbbb2222,0110065001,0.03,1', 'is not YYYY-MM-DD')])
 def test_hm_malformed_transaction_names_file_and_line(tmp_path, line, message):

@@ -74,6 +74,9 @@ class Event(NamedTuple):
   review: str = ''
 
 
+BAD_IMAGE_CHOICES = ('fail', 'drop', 'keep')
+
+
 @dataclasses.dataclass
 class Raw:
   items: dict[str, Item]            # by source id; has_image is decided at build time
@@ -91,15 +94,15 @@ class Options:
   image_size: int = 224
   min_user_interactions: int = 5
   min_item_interactions: int = 5
-  on_bad_image: str = 'fail'        # 'fail' | 'drop'
+  on_bad_image: str = 'fail'        # 'fail' | 'drop' | 'keep' (the item, without a picture)
   tokenizer: str | None = None      # a local Hugging Face tokenizer directory; None: train a BPE
   bpe_vocab: int = 8000
   overwrite: bool = False
   cold_after: int | None = None     # cut-off timestamp: items first interacted with after it are cold
 
   def __post_init__(self):
-    if self.on_bad_image not in ('fail', 'drop'):
-      raise ValueError(f'on_bad_image={self.on_bad_image!r}: use "fail" or "drop"')
+    if self.on_bad_image not in BAD_IMAGE_CHOICES:
+      raise ValueError(f'on_bad_image={self.on_bad_image!r}: use one of {BAD_IMAGE_CHOICES}')
 
 
 # ---- shared text helpers -----------------------------------------------------------------------------
@@ -493,10 +496,14 @@ def build(raw: Raw, opts: Options, source_format: str) -> dict[str, Any]:
       print(f'  {source_id}: {error}')
     if opts.on_bad_image == 'fail':
       raise DatasetError(f'{len(bad)} item image(s) missing or undecodable, e.g. {next(iter(bad.values()))}; '
-                         'pass --on_bad_image drop to drop those items (k-core is then re-applied)')
-    events, more_rounds = k_core([e for e in events if e.item not in bad], opts.min_user_interactions,
-                                 opts.min_item_interactions)
-    rounds += more_rounds
+                         'pass --on_bad_image drop to drop those items (k-core is then re-applied), or keep to '
+                         'keep them without a picture')
+    if opts.on_bad_image == 'keep':  # has_image=false: the model sees their text only
+      raw = dataclasses.replace(raw, image_paths={i: p for i, p in raw.image_paths.items() if i not in bad})
+    else:
+      events, more_rounds = k_core([e for e in events if e.item not in bad], opts.min_user_interactions,
+                                   opts.min_item_interactions)
+      rounds += more_rounds
   if not events:
     raise DatasetError(f'no interactions survive {opts.min_user_interactions}/{opts.min_item_interactions}-core '
                        'filtering; lower --min_user_interactions / --min_item_interactions')
@@ -565,8 +572,9 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument('--image_size', type=int, default=224, help='Images are centre-cropped and resized to this.')
   common.add_argument('--min_user_interactions', type=int, default=5, help='k-core threshold for users.')
   common.add_argument('--min_item_interactions', type=int, default=5, help='k-core threshold for items.')
-  common.add_argument('--on_bad_image', choices=('fail', 'drop'), default='fail',
-                      help='Missing/undecodable image: fail naming it, or drop its item and re-apply k-core.')
+  common.add_argument('--on_bad_image', choices=BAD_IMAGE_CHOICES, default='fail',
+                      help='Missing/undecodable image: fail naming it, drop its item and re-apply k-core, or keep '
+                           'the item without a picture (e.g. H&M without its images/ folder).')
   common.add_argument('--tokenizer', help='Local Hugging Face tokenizer directory (default: train a BPE).')
   common.add_argument('--bpe_vocab', type=int, default=8000, help='Vocabulary size of the trained BPE.')
   common.add_argument('--overwrite', action='store_true', help='Replace an existing dataset at --out.')
