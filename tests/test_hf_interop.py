@@ -10,6 +10,7 @@ import os
 import pickle
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,7 +19,7 @@ from flax.nnx import traversals
 from unimp_jax import config as config_lib
 from unimp_jax.data import formats, pipeline, synthetic
 from unimp_jax.hf import export, files, mapping, pretrained
-from unimp_jax.model import unimp
+from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
 
@@ -87,8 +88,15 @@ def test_export_round_trip_is_bit_identical(tmp_path, data, capsys, every, qk_no
   hf_config = files.read_json(out)
   assert hf_config['architectures'] == (['LlamaForCausalLM'] if lm_only else ['IdeficsForVisionText2Text'])
   card = open(os.path.join(out, 'README.md')).read()
-  assert 'fashion-synthetic' in card and 'step 3' in card
+  assert 'fashion-synthetic' in card and 'step 3' in card and 'mean [0.48145466, 0.4578275, 0.40821073]' in card
   assert files.read_json(out, 'generation_config.json')['eos_token_id'] == 2
+  if not lm_only:  # AutoProcessor loads, and normalises pictures as training did
+    from transformers import AutoProcessor
+    pictures = formats.UnifiedDataset(data).images(np.arange(3))
+    pixels = np.asarray(AutoProcessor.from_pretrained(out, local_files_only=True).image_processor(
+        list(pictures), return_tensors='np'))
+    expected = np.asarray(vision.normalize(pictures)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(pixels, expected, atol=1e-5)
 
   from transformers import AutoConfig, AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
@@ -124,6 +132,25 @@ def test_export_round_trip_is_bit_identical(tmp_path, data, capsys, every, qk_no
     assert code == 0, printed
     assert 'greedy 20 tokens' in printed and 'same in both' in printed and '2 x 512 tokens' in printed
     assert ('0 image slots' in printed) == lm_only
+
+
+def test_a_bfloat16_export_holds_each_weight_rounded_to_bfloat16(tmp_path, data):
+  """`--dtype bfloat16`: every weight is the float32 export's, rounded to nearest (ml_dtypes, as numpy casts);
+  the config says so, and transformers loads the weights as bfloat16."""
+  workdir, _ = _trained_run(tmp_path, _config(data, 2, False, False, 4))
+  export.main(['--checkpoint', workdir, '--out', str(tmp_path / 'f32')])
+  export.main(['--checkpoint', workdir, '--out', str(tmp_path / 'bf16'), '--dtype', 'bfloat16'])
+  full, half = files.Checkpoint(str(tmp_path / 'f32')), files.Checkpoint(str(tmp_path / 'bf16'))
+  assert sorted(full) == sorted(half) and len(full) > 20
+  for name in full:
+    rounded = np.asarray(half[name])
+    assert rounded.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(rounded, np.asarray(full[name]).astype(ml_dtypes.bfloat16), err_msg=name)
+  assert files.read_json(str(tmp_path / 'bf16'))['dtype'] == 'bfloat16'
+  torch = _torch()
+  import transformers
+  model = transformers.IdeficsForVisionText2Text.from_pretrained(str(tmp_path / 'bf16'), dtype='auto')
+  assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_a_run_with_the_item_pool_is_refused_before_anything_is_written(tmp_path, data):

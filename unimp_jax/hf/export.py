@@ -1,6 +1,7 @@
 """Export a trained UniMP to a Hugging Face directory that transformers loads.
 
   python -m unimp_jax.hf.export --checkpoint WORKDIR --out DIR [--lm_only] [--step N] [--max_shard_size 2GB]
+      [--dtype float32|bfloat16]
 
 WORKDIR is a main-job or benchmark run directory (its `checkpoints/`, or that directory itself). Writes
 
@@ -8,6 +9,8 @@ WORKDIR is a main-job or benchmark run directory (its `checkpoints/`, or that di
   model-0000k-of-0000N.safetensors    the weights (HF names and layouts, unimp_jax.hf.mapping), sharded
   model.safetensors.index.json
   tokenizer.json, tokenizer_config.json ...   the run's tokenizer, every added token at its id
+  processor_config.json, preprocessor_config.json   (IDEFICS) `AutoProcessor`: the tokenizer and an image
+                                      processor that resizes and normalises pictures as the model was trained
   generation_config.json              pad / bos / eos ids, greedy
   README.md                           a model card: what the model was trained on and how to prompt it
 
@@ -26,11 +29,13 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.nnx import traversals
 
 from unimp_jax import tasks
 from unimp_jax.hf import files, mapping
+from unimp_jax.model import vision
 
 _UNITS = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'B': 1}
 
@@ -50,8 +55,11 @@ def run_directory(checkpoint: str) -> str:
   return os.path.dirname(checkpoint) if os.path.basename(checkpoint) == 'checkpoints' else checkpoint
 
 
-def hf_config(model_cfg, tokenizer, *, lm_only: bool):
-  """The transformers config object of the export."""
+DTYPES = ('float32', 'bfloat16')
+
+
+def hf_config(model_cfg, tokenizer, *, lm_only: bool, dtype: str = 'float32'):
+  """The transformers config object of the export (`dtype`: what its weights are stored in)."""
   import transformers
   special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                  eos_token_id=tokenizer.eos_token_id)
@@ -63,10 +71,22 @@ def hf_config(model_cfg, tokenizer, *, lm_only: bool):
   else:
     config = transformers.IdeficsConfig(**mapping.idefics_config(model_cfg, **special))
     config.architectures = ['IdeficsForVisionText2Text']
+  config.dtype = dtype
   return config
 
 
-def hf_tensors(model_cfg, params, *, lm_only: bool):
+def processor(model_cfg, tokenizer):
+  """An `IdeficsProcessor`: the tokenizer, and pictures resized to the tower's size and normalised with
+  CLIP's statistics, exactly as training normalised them (unimp_jax.model.vision.normalize)."""
+  import transformers
+  size = model_cfg.vision.image_size
+  # The PIL implementation needs no torchvision; it saves itself as `IdeficsImageProcessor`.
+  images = transformers.IdeficsImageProcessorPil(image_size=size, image_mean=list(vision.PIXEL_MEAN),
+                                                 image_std=list(vision.PIXEL_STD))
+  return transformers.IdeficsProcessor(images, tokenizer, image_size=size)
+
+
+def hf_tensors(model_cfg, params, *, lm_only: bool, dtype: str = 'float32'):
   """(HF name, array) pairs for our params (a nested pure dict); a parameter without an HF name is an error.
 
   With content item rows the params must be the Predictor's, whose item rows hold the content rows: the
@@ -81,7 +101,9 @@ def hf_tensors(model_cfg, params, *, lm_only: bool):
   lost = sorted(set(flat) - {r.path for r in rules})
   if lost:
     raise mapping.MappingError(f'parameter {"/".join(lost[0])} has no Hugging Face name; the export would lose it')
-  return mapping.export(rules, flat)
+  cast = np.dtype(jnp.bfloat16) if dtype == 'bfloat16' else np.dtype(np.float32)
+  return ((name, array.astype(cast) if np.issubdtype(array.dtype, np.floating) else array)
+          for name, array in mapping.export(rules, flat))
 
 
 def model_card(cfg, dataset, step: int, architecture: str, tokenizer) -> str:
@@ -126,6 +148,13 @@ The tokenizer's {len(tokenizer) - layout['base_vocab_size']} added tokens (`<ima
 {'only the most recent image' if cfg.model.lm.media_mask == 'previous' else 'every image'} at or before it
 (`media_mask={cfg.model.lm.media_mask}`).
 
+## Pictures
+
+`pixel_values` are RGB pictures of {cfg.model.vision.image_size} x {cfg.model.vision.image_size} pixels, scaled
+to [0, 1] and normalised with CLIP's statistics: mean {list(vision.PIXEL_MEAN)}, standard deviation
+{list(vision.PIXEL_STD)} (per channel). The IDEFICS export's `AutoProcessor` does this; the dataset's pictures
+were centre-cropped to a square before resizing.
+
 ```python
 from transformers import {architecture}
 model, info = {architecture}.from_pretrained(DIR, output_loading_info=True)
@@ -134,10 +163,12 @@ model, info = {architecture}.from_pretrained(DIR, output_loading_info=True)
 
 
 def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool = False,
-           max_shard_bytes: int = 2 * 10**9, overwrite: bool = False) -> str:
+           max_shard_bytes: int = 2 * 10**9, overwrite: bool = False, dtype: str = 'float32') -> str:
   from unimp_jax.eval.predictor import Predictor, run_config
   from transformers import GenerationConfig
   out = os.path.abspath(out)
+  if dtype not in DTYPES:
+    raise ValueError(f'--dtype {dtype}: choose one of {DTYPES}')
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f'{out} exists and is not empty; pass --overwrite to replace it')
   workdir = run_directory(checkpoint)
@@ -151,15 +182,16 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
   cfg, tokenizer = predictor.cfg, predictor.builder.tokenizer
   if step is None:
     step = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  config = hf_config(cfg.model, tokenizer, lm_only=lm_only)
+  config = hf_config(cfg.model, tokenizer, lm_only=lm_only, dtype=dtype)
   params = jax.tree.map(np.asarray, jax.device_get(predictor.params))
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.', dir=parent)
   try:
     config.save_pretrained(tmp)
-    shards = files.write_sharded(tmp, hf_tensors(cfg.model, params, lm_only=lm_only), max_shard_bytes=max_shard_bytes)
-    tokenizer.save_pretrained(tmp)
+    shards = files.write_sharded(tmp, hf_tensors(cfg.model, params, lm_only=lm_only, dtype=dtype),
+                                 max_shard_bytes=max_shard_bytes)
+    (tokenizer if lm_only else processor(cfg.model, tokenizer)).save_pretrained(tmp)
     GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, do_sample=False).save_pretrained(tmp)
     with open(os.path.join(tmp, 'README.md'), 'w') as f:
@@ -182,9 +214,10 @@ def main(argv=None):
   parser.add_argument('--lm_only', action='store_true', help='The language model alone (LlamaForCausalLM).')
   parser.add_argument('--max_shard_size', default='2GB')
   parser.add_argument('--overwrite', action='store_true')
+  parser.add_argument('--dtype', choices=DTYPES, default='float32', help='What the weights are stored in.')
   args = parser.parse_args(argv)
   export(args.checkpoint, args.out, step=args.step, lm_only=args.lm_only,
-         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
+         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite, dtype=args.dtype)
 
 
 if __name__ == '__main__':
