@@ -153,6 +153,26 @@ def test_a_bfloat16_export_holds_each_weight_rounded_to_bfloat16(tmp_path, data)
   assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_a_run_that_never_read_pictures_exports_as_the_lm_alone(tmp_path, data):
+  """Our `images=None` forward skips the gated blocks; IDEFICS runs their MLP half on every token and needs
+  picture inputs. So a text-only run's IDEFICS export is refused (naming --lm_only) before anything is
+  written or loaded, by export and by verify; the LM alone exports."""
+  cfg = _config(data, 2, False, False, 4)
+  cfg.data.item_content = 'text'
+  workdir, _ = _trained_run(tmp_path, cfg)
+  with pytest.raises(mapping.MappingError, match=r"never read pictures \(data.item_content='text'\).*--lm_only"):
+    export.export(workdir, str(tmp_path / 'hf'))
+  assert os.listdir(tmp_path) == ['run']
+  idefics = tmp_path / 'idefics'
+  idefics.mkdir()
+  (idefics / 'config.json').write_text(json.dumps({'architectures': ['IdeficsForVisionText2Text']}))
+  from unimp_jax.hf import verify
+  with pytest.raises(mapping.MappingError, match='never read pictures'):
+    verify.main(['--checkpoint', workdir, '--hf', str(idefics)])
+  export.export(workdir, str(tmp_path / 'lm'), lm_only=True)
+  assert files.read_json(str(tmp_path / 'lm'))['architectures'] == ['LlamaForCausalLM']
+
+
 def test_a_run_with_the_item_pool_is_refused_before_anything_is_written(tmp_path, data):
   cfg = _config(data, 2, False, False, 4)
   cfg.model.item_pool = True  # no Hugging Face model adds the mean item embedding to its inputs

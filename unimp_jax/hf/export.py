@@ -86,6 +86,17 @@ def processor(model_cfg, tokenizer):
   return transformers.IdeficsProcessor(images, tokenizer, image_size=size)
 
 
+def refuse_idefics_without_pictures(item_content: str) -> None:
+  """A run that never saw a picture runs its LM alone: `images=None` skips the gated cross-attention blocks
+  (model.lm), so they are never trained. IDEFICS runs every gated block's MLP half on every token, picture
+  or not (its gate only zeroes the attention half), and needs picture inputs: such a run is exported, and
+  agrees with transformers, as the LM alone."""
+  if item_content != 'image+text':
+    raise mapping.MappingError(f"this run never read pictures (data.item_content={item_content!r}), so its "
+                               'gated cross-attention blocks are untrained and IDEFICS would run them; export the '
+                               'LM alone (--lm_only)')
+
+
 def hf_tensors(model_cfg, params, *, lm_only: bool, dtype: str = 'float32'):
   """(HF name, array) pairs for our params (a nested pure dict); a parameter without an HF name is an error.
 
@@ -178,6 +189,7 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
                                'equivalent; this run cannot be exported')
   if not lm_only:
     mapping.idefics_config(model_cfg)
+    refuse_idefics_without_pictures(run_config(workdir, step).data.item_content)
   predictor = Predictor.from_workdir(workdir, step)
   cfg, tokenizer = predictor.cfg, predictor.builder.tokenizer
   if step is None:

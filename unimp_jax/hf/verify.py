@@ -135,11 +135,14 @@ def main(argv=None) -> int:
   parser.add_argument('--atol', type=float, default=1e-3)
   parser.add_argument('--greedy', type=int, default=20, help='Greedy tokens compared (0: skip).')
   args = parser.parse_args(argv)
-  from unimp_jax.eval.predictor import Predictor
-  from unimp_jax.hf.export import run_directory
-  predictor = Predictor.from_workdir(run_directory(args.checkpoint), args.step)
+  from unimp_jax.eval.predictor import Predictor, run_config
+  from unimp_jax.hf import export
+  workdir = export.run_directory(args.checkpoint)
+  lm_only = files.read_json(args.hf)['architectures'][0] != 'IdeficsForVisionText2Text'
+  if not lm_only:  # before anything is loaded
+    export.refuse_idefics_without_pictures(run_config(workdir, args.step).data.item_content)
+  predictor = Predictor.from_workdir(workdir, args.step)
   hf = load_hf(args.hf, args.dtype)
-  lm_only = not hasattr(hf.config, 'additional_vocab_size')
   cfg, builder = predictor.cfg, predictor.builder
   uses_images = builder.uses_images and not lm_only
   forward = unimp.jit_forward(predictor.graphdef)
