@@ -334,3 +334,95 @@ def test_pretrained_towers_fill_the_model_and_the_rest_stays_fresh(tmp_path, dat
   with pytest.raises(config_lib.ConfigError, match=rf'vocab_size={base_vocab + 5}, but the dataset .* gives '
                                                    rf'{base_vocab} .*--tokenizer'):
     pretrained.fit_config(wrong, dataset)
+
+
+# ---- real checkpoint layouts: a tokenizer that already has <image>, a vocabulary padded past the tokenizer ------
+
+def _base_tokenizer(directory, extra_special=()):
+  """A 300-token BPE saved as a Hugging Face tokenizer, with `extra_special` tokens after it (as IDEFICS's)."""
+  from unimp_jax.data import tokenizer as tokenizer_lib
+  base = tokenizer_lib.train_bpe([f'a red shirt number {i} and a blue bag' for i in range(50)], 300)
+  if extra_special:
+    base.add_special_tokens({'additional_special_tokens': list(extra_special)})
+  base.save_pretrained(directory)
+  return len(base)
+
+
+def _convert_with(tokenizer_dir, out):
+  from unimp_jax.data import convert
+  raw = os.path.join(os.path.dirname(__file__), 'fixtures', 'raw', 'movielens', 'ml-100k')
+  convert.main(['movielens', '--root', raw, '--out', out, '--min_user_interactions', '3',
+                '--min_item_interactions', '2', '--image_size', '32', '--tokenizer', tokenizer_dir])
+  return formats.UnifiedDataset(out)
+
+
+def test_a_real_idefics_whose_tokenizer_has_image_tokens_imports_with_parity(tmp_path):
+  """idefics-9b's layout: a base vocabulary, then `<fake_token_around_image>` and `<image>` as its 2
+  additional rows. Our tokenizer keeps them (our `<image>` is theirs) and adds its tokens after them; the
+  import fills the first 2 added rows, leaves ours fresh, and the logits match transformers'."""
+  torch = _torch()
+  import transformers
+  from unimp_jax.hf import verify
+  directory = str(tmp_path / 'idefics')
+  assert _base_tokenizer(directory, ('<fake_token_around_image>', '<image>')) == 302
+  hf_cfg = transformers.IdeficsConfig(
+      vocab_size=300, additional_vocab_size=2, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+      num_attention_heads=4, cross_layer_interval=1, use_resampler=True, max_position_embeddings=512,
+      vision_config=dict(embed_dim=32, image_size=32, patch_size=8, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4),
+      perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                            resampler_head_dim=8), attn_implementation='eager')
+  hf = _perturbed_and_saved(transformers.IdeficsForVisionText2Text(hf_cfg), directory, torch)
+
+  dataset = _convert_with(directory, str(tmp_path / 'data'))
+  layout = dataset.tokenizer().unimp_layout
+  assert (layout['base_vocab_size'], layout['reserved'], layout['image']) == (300, 2, 301)
+  cfg = config_lib.base_config()
+  cfg.data.path, cfg.pretrained.idefics = dataset.path, directory
+  pretrained.fit_config(cfg, dataset)
+  pipeline.fit_model_to_dataset(cfg, dataset)
+  assert (cfg.model.image_token_id, cfg.model.lm.vocab_size) == (301, 300)
+  ids = pipeline.token_ids(cfg, dataset)
+  assert ids.end_of_chunk == 302 and cfg.model.lm.added_vocab_size == ids.added_vocab_size > 2
+  model = _model(cfg)
+  fresh = np.asarray(model.lm.added_embed[...])
+  pretrained.load_pretrained(model, cfg)
+  added = np.asarray(model.lm.added_embed[...])
+  np.testing.assert_array_equal(added[:2], hf.model.embed_tokens.additional_embedding.weight.detach().float().numpy())
+  np.testing.assert_array_equal(added[2:], fresh[2:])
+
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 300, (2, 80))
+  tokens[:, [5, 40]] = 301  # two pictures per row, named by IDEFICS's own <image>
+  mask = np.ones(tokens.shape, bool)
+  mask[0, 60:] = False
+  images = rng.normal(size=(2, 2, 32, 32, 3)).astype(np.float32)
+  expected = verify.hf_logits(hf, tokens, images, mask, cfg.model)
+  logits = np.asarray(unimp.jit_forward(nnx.split(model)[0])(nnx.state(model), tokens, images, mask))[..., :302]
+  np.testing.assert_allclose(logits[mask], expected[mask], atol=1e-4, rtol=0)
+
+
+def test_a_vocabulary_padded_past_its_tokenizer_imports(tmp_path):
+  """Qwen2's layout: 151,936 embedding rows for a 151,665-token tokenizer. The dataset's tokenizer is
+  padded to the model's rows, so that our added tokens land past them; the LM imports with parity."""
+  torch = _torch()
+  directory = str(tmp_path / 'qwen2')
+  assert _base_tokenizer(directory) == 300
+  hf = _perturbed_and_saved(_llama_family('qwen2', 320), directory, torch)
+  dataset = _convert_with(directory, str(tmp_path / 'data'))
+  tok = dataset.tokenizer()
+  assert tok.unimp_layout['base_vocab_size'] == 320 and len(tok.get_vocab()) == len(tok)
+  assert tok.convert_tokens_to_ids(['<unimp_pad_0>', '<unimp_pad_19>', '<image>']) == [300, 319, 320]
+  cfg = config_lib.base_config()
+  cfg.data.path, cfg.pretrained.lm = dataset.path, directory
+  pretrained.fit_config(cfg, dataset)
+  pipeline.fit_model_to_dataset(cfg, dataset)
+  assert (cfg.model.lm.vocab_size, cfg.model.image_token_id) == (320, 320)
+  model = _model(cfg)
+  pretrained.load_pretrained(model, cfg)
+  tokens = np.random.default_rng(0).integers(3, 300, (2, 64))
+  mask = np.ones(tokens.shape, bool)
+  with torch.no_grad():
+    expected = hf(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  logits = np.asarray(unimp.jit_forward(nnx.split(model)[0])(nnx.state(model), tokens, None, mask))[..., :320]
+  np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)

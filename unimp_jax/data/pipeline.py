@@ -164,12 +164,13 @@ def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
   counts come from the data, never from a preset) and checks that the stored pictures have the vision
   tower's size. Needs no model parameters, so the model can be built after it."""
   ids = token_ids(cfg, dataset)
-  cfg.model.lm.vocab_size = ids.base_vocab_size  # `<image>` is the first added token: image_token_id follows
+  cfg.model.lm.vocab_size = ids.base_vocab_size  # `<image>` is usually the first added token: image_token_id follows
   cfg.model.lm.added_vocab_size = ids.added_vocab_size
   cfg.model.item_tokens = tuple(ids.item_range)
-  if cfg.model.image_token_id != ids.image:
-    raise ValueError(f'config.model.image_token_id={cfg.model.image_token_id}, but the dataset tokenizer puts '
-                     f'<image> at {ids.image}')
+  if cfg.model.image_token_id != ids.image:  # a base tokenizer's own <image> (a real IDEFICS's): a fact of the data
+    with cfg.model.unlocked():  # assigning would move the field it refers to (lm.vocab_size): replace it
+      del cfg.model['image_token_id']
+      cfg.model.image_token_id = ids.image
   if dataset.image_size != cfg.model.vision.image_size:
     raise ValueError(f'{dataset.path} stores {dataset.image_size} px pictures but config.model.vision.image_size '
                      f'is {cfg.model.vision.image_size}; rebuild the dataset or change the config')

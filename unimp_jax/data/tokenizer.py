@@ -1,17 +1,24 @@
 """The dataset's tokenizer: a base text vocabulary plus UniMP's added tokens, saved with the dataset.
 
-The added tokens come after the base vocabulary, always in this order, so that `<image>` is the first
-added id (= the base vocabulary size, the model's `image_token_id`):
+The added tokens come after the model's base vocabulary (its `vocab_size` rows), always in this order:
 
-    <image> <|endofchunk|> <answer>  rate_1..rate_5  s_0..s_{K-1}  item_0..item_{N-1}  img_0..img_{C-1}
-      [sid_0_0..sid_0_{K0-1}  sid_1_0..  ...]
+    [reserved]  <image> <|endofchunk|> <answer>  rate_1..rate_5  s_0..s_{K-1}  item_0..item_{N-1}
+      img_0..img_{C-1}  [sid_0_0..sid_0_{K0-1}  sid_1_0..  ...]
+
+`reserved` are tokens a base tokenizer already has past its model's base rows: a real IDEFICS tokenizer's
+`<fake_token_around_image>` and `<image>` (its `additional_vocab_size` rows). A base tokenizer that has
+`<image>` keeps it, and it is not added again; otherwise `<image>` is the first added id (= the base
+vocabulary size), the model's `image_token_id` either way. A base tokenizer shorter than its model's
+vocabulary (Qwen2: 151,665 tokens, 151,936 rows) is padded with `<unimp_pad_k>` tokens up to it, so that
+the added tokens land past every base row.
 
 Item and image-code counts come from the data, never from a constant. The semantic item-id tokens
 `sid_{level}_{code}` (unimp_jax.data.semantic_ids) are added by a run that uses them, after the dataset's
 own tokens; their count is a function of the config alone (`data.semantic`), so the model's vocabulary
 is sized before any item embedding exists. The base vocabulary is either a
 byte-level BPE trained on the dataset's own text (the embedded default) or a tokenizer loaded from a
-local Hugging Face directory (never from a hub).
+local Hugging Face directory (never from a hub), whose `config.json`, when the directory has one, gives
+the model's base vocabulary size.
 """
 
 from __future__ import annotations
@@ -47,39 +54,60 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def load_base(path: str) -> PreTrainedTokenizerFast:
-  """A base vocabulary from a local directory; nothing is downloaded.
+  """A base vocabulary from a local directory; nothing is downloaded. Its `model_vocab_size` attribute is
+  the number of base rows of the model it belongs to (None: its length).
 
-  A Hugging Face tokenizer directory (tokenizer.json etc.) is loaded as it is. A unified dataset's
-  `tokenizer/` (it has LAYOUT_FILE) gives its base vocabulary without UniMP's added tokens, so that
-  another dataset (a stage-1 corpus, a second catalogue) can share it and re-add its own.
+  A Hugging Face directory (tokenizer.json etc.) is loaded as it is; a `config.json` beside it gives the
+  model's `vocab_size`. A unified dataset's `tokenizer/` (it has LAYOUT_FILE) gives its base vocabulary
+  (and reserved tokens) without UniMP's added tokens, so that another dataset (a stage-1 corpus, a second
+  catalogue) can share it and re-add its own.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path} does not exist')
   if not os.path.exists(os.path.join(path, LAYOUT_FILE)):
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    base = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    config = os.path.join(path, 'config.json')
+    base.model_vocab_size = None
+    if os.path.exists(config):
+      with open(config) as f:
+        base.model_vocab_size = json.load(f).get('vocab_size')
+    return base
   full = load(path)
-  size = full.unimp_layout['base_vocab_size']
+  ids = TokenIds(full.unimp_layout)
+  keep = ids.base_vocab_size + ids.reserved
   spec = json.loads(full.backend_tokenizer.to_str())
-  spec['added_tokens'] = [t for t in spec['added_tokens'] if t['id'] < size]
+  spec['added_tokens'] = [t for t in spec['added_tokens'] if t['id'] < keep]
   base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=full.pad_token,
                                  bos_token=full.bos_token, eos_token=full.eos_token, unk_token=full.unk_token)
-  if len(base) != size:
+  if len(base) != keep:
     raise ValueError(f'{path}: stripping the added tokens left {len(base)} tokens, its layout says '
-                     f'base_vocab_size={size}')
+                     f'base_vocab_size={ids.base_vocab_size} and {ids.reserved} reserved')
+  base.model_vocab_size = ids.base_vocab_size
   return base
 
 
 def with_unimp_tokens(base: PreTrainedTokenizerFast, *, num_items: int, num_slots: int,
                       num_image_codes: int) -> PreTrainedTokenizerFast:
-  """Adds UniMP's tokens after the base vocabulary and records the layout in the tokenizer itself."""
-  base_size = len(base)
-  names = added_tokens(num_items, num_slots, num_image_codes)
+  """Adds UniMP's tokens after the model's base vocabulary (`base.model_vocab_size`, default its length)
+  and the tokens the tokenizer already has past it, and records the layout in the tokenizer itself."""
+  rows = getattr(base, 'model_vocab_size', None) or len(base)
+  if len(base) < rows:  # rows the tokenizer never produces (padding for sharding): fill them with names
+    padding = [f'<unimp_pad_{k}>' for k in range(rows - len(base))]
+    base.add_tokens(padding, special_tokens=False)
+    if len(base) != rows or base.convert_tokens_to_ids(padding[-1]) != rows - 1:
+      raise ValueError(f'padding the tokenizer to its model\'s {rows} rows failed: some <unimp_pad_k> exist')
+  reserved = len(base) - rows
+  image = base.get_vocab().get(SPECIAL[0])
+  if image is not None and image < rows:
+    raise ValueError(f'the base tokenizer has {SPECIAL[0]} at id {image}, inside its model\'s {rows} base rows; '
+                     'put the model\'s config.json (its vocab_size) beside the tokenizer')
+  names = added_tokens(num_items, num_slots, num_image_codes)[int(image is not None):]
+  first = len(base)
   base.add_tokens(names, special_tokens=False)
-  first = base.convert_tokens_to_ids(names[0])
-  if first != base_size or len(base) != base_size + len(names):
-    raise ValueError(f'added tokens did not land after the base vocabulary ({base_size}): some already exist')
-  base.unimp_layout = dict(base_vocab_size=base_size, num_items=num_items, num_slots=num_slots,
-                           num_image_codes=num_image_codes)
+  if base.convert_tokens_to_ids(names[0]) != first or len(base) != first + len(names):
+    raise ValueError(f'added tokens did not land after the base vocabulary ({first}): some already exist')
+  base.unimp_layout = dict(base_vocab_size=rows, reserved=reserved, image=first if image is None else image,
+                           num_items=num_items, num_slots=num_slots, num_image_codes=num_image_codes)
   return base
 
 
@@ -136,11 +164,16 @@ class TokenIds:
 
   def __init__(self, layout: dict):
     self.base_vocab_size = layout['base_vocab_size']
+    self.reserved = layout.get('reserved', 0)  # tokens of the base tokenizer past the model's base rows
     self.num_items, self.num_slots = layout['num_items'], layout['num_slots']
     self.num_image_codes = layout['num_image_codes']
     self.semantic_codebooks = tuple(layout.get('semantic_codebooks', ()))  # per level; () = atomic ids only
-    self.image, self.end_of_chunk, self.answer = (self.base_vocab_size + i for i in range(3))
-    self._rating0 = self.base_vocab_size + len(SPECIAL)
+    first = self.base_vocab_size + self.reserved
+    self.image = layout.get('image', first)
+    if self.image == first:  # added by us, first; otherwise one of the reserved tokens
+      first += 1
+    self.end_of_chunk, self.answer = first, first + 1
+    self._rating0 = first + 2
     self._slot0 = self._rating0 + 5
     self._item0 = self._slot0 + self.num_slots
     self._code0 = self._item0 + self.num_items

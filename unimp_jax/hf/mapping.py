@@ -223,8 +223,29 @@ def load(model, rules: list[Rule], tensors: Mapping, *, ignore: Callable[[str], 
     del current, value
 
 
+ADDED_ROWS = {('lm', 'added_embed'): 0, ('lm', 'added_head'): 1}  # our added-vocabulary tables: their row axis
+
+
 def load_idefics(model, tensors: Mapping, model_cfg) -> None:
-  load(model, idefics_rules(model_cfg), tensors, tied=_tied_aliases(model_cfg))
+  """A whole IDEFICS. A real one has fewer added rows than we need (idefics-9b: 2, for its tokenizer's
+  `<fake_token_around_image>` and `<image>`, which our tokenizer keeps as its first added tokens): they fill
+  our first added rows, and the rest stay freshly initialised."""
+  rules, shapes = idefics_rules(model_cfg), param_shapes(model)
+  leading = [r for r in rules if r.path in ADDED_ROWS and r.hf_name in tensors
+             and _shape_as_ours(r, tensors[r.hf_name].shape)[ADDED_ROWS[r.path]] < shapes[r.path][ADDED_ROWS[r.path]]]
+  load(model, [r for r in rules if r not in leading], tensors, tied=_tied_aliases(model_cfg),
+       ignore=lambda name: name in {r.hf_name for r in leading})
+  for rule in leading:
+    variable = functools.reduce(getattr, rule.path, model)
+    current = variable.get_value()
+    value = np.array(jax.device_get(current))
+    rows = rule.layout.to_ours(np.asarray(tensors[rule.hf_name]))
+    where = (slice(None),) * ADDED_ROWS[rule.path] + (slice(0, rows.shape[ADDED_ROWS[rule.path]]),)
+    if value[where].shape != rows.shape:
+      raise MappingError(f'tensor {rule.hf_name!r} gives shape {rows.shape}; {"/".join(rule.path)} needs '
+                         f'{value[where].shape} for its leading rows')
+    value[where] = rows
+    variable.set_value(jax.device_put(value.astype(current.dtype), current.sharding))
 
 
 def causal_lm_rules(lm_cfg, *, with_added: bool = False) -> list[Rule]:

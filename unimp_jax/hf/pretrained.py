@@ -57,8 +57,15 @@ def fit_config(cfg, dataset: formats.UnifiedDataset) -> None:
     cfg.model.vision.update(whole.vision)
     cfg.model.connector.update(whole.connector)
     cfg.model.lm.update({k: v for k, v in whole.lm.items() if k not in ('media_mask', 'alpha_init')})
-    vocab = [('idefics', 'vocab_size', hf.vocab_size, ids.base_vocab_size),
-             ('idefics', 'additional_vocab_size', hf.additional_vocab_size, ids.added_vocab_size)]
+    vocab = [('idefics', 'vocab_size', hf.vocab_size, ids.base_vocab_size)]
+    # Its added rows are either all of ours (an IDEFICS this codebase exported) or tokens its own tokenizer
+    # has (a real IDEFICS's `<fake_token_around_image>` and `<image>`), which fill our first added rows.
+    if hf.additional_vocab_size not in (ids.added_vocab_size, *range(ids.reserved + 1)):
+      raise config_lib.ConfigError(
+          f'config.pretrained.idefics={p.idefics} has additional_vocab_size={hf.additional_vocab_size}, but the '
+          f'dataset at {dataset.path} has {ids.added_vocab_size} added tokens, {ids.reserved} of them from its '
+          f'base tokenizer: build the dataset with that model\'s tokenizer (unimp_jax.data.convert --tokenizer '
+          f'{p.idefics})')
   if p.vision:
     mapping.update_vision_config(cfg.model, hf_config(cfg, 'vision'))
   if p.lm:

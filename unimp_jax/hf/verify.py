@@ -39,15 +39,16 @@ def load_hf(directory: str, dtype: str = 'float32'):
   return model.eval()
 
 
-def hf_logits(model, tokens, images, mask, media_mask: str) -> np.ndarray:
-  """transformers' logits [B, T, V] (float64 numpy); `images` normalised floats [B, N, H, W, C] or None."""
+def hf_logits(model, tokens, images, mask, model_cfg) -> np.ndarray:
+  """transformers' logits [B, T, V] (float64 numpy); `images` normalised floats [B, N, H, W, C] or None;
+  `model_cfg` our model's config (which token is `<image>`, which pictures a token sees)."""
   import torch
   kwargs = dict(input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
                 attention_mask=torch.from_numpy(np.asarray(mask, np.int64)))
   if images is not None:
     dtype = next(model.parameters()).dtype
-    media = unimp.media_index(tokens, model.config.vocab_size)
-    image_mask = np.asarray(unimp.cross_attention_mask(media, images.shape[1], 1, media_mask))
+    media = unimp.media_index(tokens, model_cfg.image_token_id)
+    image_mask = np.asarray(unimp.cross_attention_mask(media, images.shape[1], 1, model_cfg.lm.media_mask))
     kwargs.update(pixel_values=torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 1, 4, 2, 3))).to(dtype),
                   image_attention_mask=torch.from_numpy(image_mask.astype(np.int64)))
   with torch.no_grad():
@@ -66,12 +67,12 @@ def compare(ours: np.ndarray, theirs: np.ndarray, mask: np.ndarray) -> dict[str,
           'top5_agreement': float((top(a, 5) == top(b, 5)).all(-1).mean())}
 
 
-def hf_greedy(model, tokens, images, prompt_length: int, media_mask: str, steps: int) -> np.ndarray:
+def hf_greedy(model, tokens, images, prompt_length: int, model_cfg, steps: int) -> np.ndarray:
   """`steps` greedy tokens from transformers, one full forward per token (no cache: nothing shared with ours)."""
   sequence = np.asarray(tokens)[:, :prompt_length]
   out = []
   for _ in range(steps):
-    logits = hf_logits(model, sequence, images, np.ones(sequence.shape, bool), media_mask)
+    logits = hf_logits(model, sequence, images, np.ones(sequence.shape, bool), model_cfg)
     out.append(logits[:, -1].argmax(-1))
     sequence = np.concatenate([sequence, out[-1][:, None]], axis=1)
   return np.stack(out, 1)
@@ -150,14 +151,14 @@ def main(argv=None) -> int:
   print(f'{args.hf} ({hf.config.architectures[0]}, transformers in {args.dtype}) vs {args.checkpoint}')
   for name, (tokens, images, mask) in inputs(builder, long=args.long, uses_images=uses_images).items():
     ours = np.asarray(forward(predictor.params, tokens, images, mask))
-    result = compare(ours, hf_logits(hf, tokens, images, mask, cfg.model.lm.media_mask), mask)
+    result = compare(ours, hf_logits(hf, tokens, images, mask, cfg.model), mask)
     ok &= result['max_abs_diff'] <= args.atol
     print(f'  {name:5s} {tokens.shape[0]} x {tokens.shape[1]} tokens, {0 if images is None else images.shape[1]} '
           'image slots: ' + ', '.join(f'{k} {v:.3g}' for k, v in result.items()))
     if name == 'short' and args.greedy:
       length = int(mask.sum(1).min())  # the shortest prompt, so that no row carries padding
       a = our_greedy(predictor.graphdef, predictor.params, tokens, images, length, builder.pad, args.greedy)
-      b = hf_greedy(hf, tokens, images, length, cfg.model.lm.media_mask, args.greedy)
+      b = hf_greedy(hf, tokens, images, length, cfg.model, args.greedy)
       same = bool(np.array_equal(a, b))
       ok &= same
       print(f'  greedy {args.greedy} tokens from a {length}-token prompt: {"same" if same else "DIFFERENT"} '
