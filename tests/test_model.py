@@ -66,6 +66,18 @@ def test_closed_gates_give_the_text_only_lm():
   assert np.abs(_forward(opened, tokens, images) - _forward(opened, tokens)).max() > 1e-3
 
 
+def test_pixels_as_stored_are_normalised_inside_with_clips_statistics():
+  """uint8 pictures (what the dataset stores and batches carry) give the logits of the same pictures
+  normalised by numpy with CLIP's mean and standard deviation (floats are taken as normalised)."""
+  tokens, _ = _batch()
+  pixels = np.random.default_rng(3).integers(0, 256, (2, 3, 32, 32, 3), dtype=np.uint8)
+  clip_mean, clip_std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+  normalised = ((pixels / 255.0 - clip_mean) / clip_std).astype(np.float32)
+  model = _model(alpha=0.5)
+  np.testing.assert_allclose(_forward(model, tokens, pixels), _forward(model, tokens, normalised), atol=1e-5)
+  assert np.abs(_forward(model, tokens, pixels) - _forward(model, tokens, pixels.astype(np.float32))).max() > 1e-3
+
+
 def test_changing_image_k_leaves_everything_before_it_unchanged():
   positions = (5, 17, 29)
   tokens, images = _batch(image_positions=positions)

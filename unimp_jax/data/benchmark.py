@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from unimp_jax import config as config_lib
 from unimp_jax.data import pipeline
-from unimp_jax.model import unimp, vision
+from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
@@ -48,7 +48,7 @@ def step_rate(cfg, builder, steps: int) -> float:
   def grad_step(state, batch):
     def loss_fn(state):
       tokens = batch['tokens']
-      images = vision.normalize(batch['images']) if 'images' in batch else None  # text / ids-only runs
+      images = batch.get('images')  # None: text / ids-only runs
       logits = nnx.merge(graphdef, state)(tokens, images, tokens != pad)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
       mask = batch['answer_mask'][:, 1:] * batch['weight'][:, None]

@@ -38,7 +38,6 @@ from absl import logging
 from flax import nnx
 
 from unimp_jax.data import formats, prompts
-from unimp_jax.model import vision
 
 CODES_FILE = 'semantic_ids.json'
 INITS = ('k-means++', 'random')
@@ -211,7 +210,7 @@ def tower_embeddings(graphdef, params, dataset: formats.UnifiedDataset, tokenize
 
   def embed(params, images_bhwc, tokens_bt, valid_bt):
     model = nnx.merge(graphdef, params)
-    hidden_bpd, _ = model.vision(vision.normalize(images_bhwc))
+    hidden_bpd, _ = model.vision(images_bhwc)
     picture = hidden_bpd[:, 1:].astype(jnp.float32).mean(1)  # patches only: the class token is not pooled
     words = model.lm.embed_tokens(tokens_bt).astype(jnp.float32)
     text = (words * valid_bt[..., None]).sum(1) / jnp.maximum(valid_bt.sum(1, keepdims=True), 1)

@@ -20,7 +20,6 @@ import numpy as np
 from unimp_jax import tasks
 from unimp_jax.data import formats, pipeline, prompts, splits
 from unimp_jax.eval import generate
-from unimp_jax.model import vision
 
 RANKINGS = ('full', 'beam', 'paper')  # unimp_jax.tasks.recommendation
 
@@ -45,7 +44,7 @@ def _batches(builder: prompts.TaskBuilder, task: str, users: np.ndarray, split: 
     tokens = np.stack([e.tokens[:width] for e in padded])
     images = None
     if builder.uses_images:
-      images = vision.normalize(np.stack([pipeline.gather_images(builder.dataset, e.image_items) for e in padded]))
+      images = np.stack([pipeline.gather_images(builder.dataset, e.image_items) for e in padded])
     yield tasks.EvalBatch(examples=examples, users=user_objs, user_ids=np.asarray(chunk, np.int64),
                           targets=np.asarray(targets, np.int64), tokens=tokens, images=images, lengths=lengths,
                           real=real)

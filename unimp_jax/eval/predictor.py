@@ -22,7 +22,7 @@ from flax import nnx
 from unimp_jax import config as config_lib
 from unimp_jax.data import formats, images as images_lib, pipeline, prompts
 from unimp_jax.eval import generate
-from unimp_jax.model import items, unimp, vision
+from unimp_jax.model import items, unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.tasks import base, generation, preference, recommendation, search, selection
 from unimp_jax.train import checkpoint as checkpoint_lib
@@ -202,7 +202,7 @@ class Predictor:
     tokens = example.tokens[None, :width]
     images = None
     if builder.uses_images:
-      images = vision.normalize(pipeline.gather_images(view, example.image_items)[None])
+      images = pipeline.gather_images(view, example.image_items)[None]
     return builder, example, tokens, images, np.asarray([example.prompt_length], np.int32)
 
   def _answer_logits(self, tokens, images, lengths) -> np.ndarray:

@@ -8,8 +8,8 @@ colour. Before asking whether a recommender uses colour, ask whether its picture
 all: if a linear classifier cannot read colour from them, no amount of training the LM on top will.
 
 Feature of a picture: the connector's output latents (what the LM's gated cross-attention reads),
-mean-pooled, from `UniMP.encode_images` on the pictures as the dataset stores them, normalised with
-`vision.normalize`, in fixed-size jitted batches. Labels: colour from the manifest's `extra.item_colour`
+mean-pooled, from `UniMP.encode_images` on the pictures as the dataset stores them (the tower normalises
+them), in fixed-size jitted batches. Labels: colour from the manifest's `extra.item_colour`
 (the embedded default dataset and the caption corpus have it), kind from each item's `category`.
 
 Probe: multinomial logistic regression on features standardised with the fit set's mean and spread,
@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from unimp_jax.data import formats
-from unimp_jax.model import unimp, vision
+from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 
 
@@ -40,7 +40,7 @@ def _encoder(graphdef, out_sharding):
 
   def encode(params, images_bhwc):
     model = nnx.merge(graphdef, params)
-    latents_bld = model.encode_images(vision.normalize(images_bhwc, model.vision.dtype)[:, None])
+    latents_bld = model.encode_images(images_bhwc[:, None])
     return latents_bld.astype(jnp.float32).mean(1)
 
   return jax.jit(encode, out_shardings=out_sharding)

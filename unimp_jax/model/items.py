@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimp_jax.model import layers, vision
+from unimp_jax.model import layers
 
 ITEM_EMBEDDINGS = ('learned', 'content', 'content+id')
 
@@ -84,7 +84,7 @@ def content_rows(model, arrays: dict[str, jax.Array], *, pad_id: int) -> jax.Arr
   if 'images' in arrays:
     # Forward only: the towers learn from the pictures in prompts (cross-attention); a backward pass
     # through every catalogue picture each step would cost more than the rest of the step.
-    latents = jax.lax.stop_gradient(model.encode_images(vision.normalize(arrays['images'])[:, None]))
+    latents = jax.lax.stop_gradient(model.encode_images(arrays['images'][:, None]))
     image = standardise(latents.astype(jnp.float32).mean(1)) * arrays['has_image'][:, None]
   return model.items(text, image, arrays['first_row']).astype(jnp.float32)
 

@@ -65,7 +65,11 @@ class VisionEncoder(nnx.Module):
     self.post_norm = layers.LayerNorm(d, eps=cfg.norm_eps, **kw)
 
   def __call__(self, images_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """images [B, H, W, C] (already normalised) -> (tokens [B, 1 + patches, D], pooled [B, D])."""
+    """images [B, H, W, C] -> (tokens [B, 1 + patches, D], pooled [B, D]). Pictures are uint8 pixels as the
+    dataset stores them (a quarter of float32's bytes to move to the devices), normalised here; floats are
+    taken as already normalised (a Hugging Face processor's `pixel_values`)."""
+    if jnp.issubdtype(images_bhwc.dtype, jnp.integer):
+      images_bhwc = normalize(images_bhwc, self.dtype)
     b, height, width, c = images_bhwc.shape
     p = self.patch_size
     patches = images_bhwc.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from unimp_jax import tasks
 from unimp_jax.data import formats
-from unimp_jax.model import items, vision
+from unimp_jax.model import items
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import loss as loss_lib
 from unimp_jax.train import optim
@@ -61,7 +61,7 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int, excluded=None):
 
   def objective(params, micro, catalogue, key):
     tokens = micro['tokens']
-    images = vision.normalize(micro['images']) if 'images' in micro else None
+    images = micro.get('images')
     params = items.with_item_rows(graphdef, params, catalogue, pad_id=pad_id)
     logits = nnx.merge(graphdef, params)(tokens, images, tokens != pad_id, dropout_key=key)
     out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
