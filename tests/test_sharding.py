@@ -1,6 +1,8 @@
 """The same weights on every mesh layout give the same outputs; large parameters are really sharded."""
 
+import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -75,3 +77,33 @@ def test_paper_presets_shard_every_large_parameter_under_fsdp(preset):
   assert len(large) > 10
   unsharded = [p for p, (_, _, _, spec) in large.items() if 'fsdp' not in jax.tree.leaves(tuple(spec))]
   assert not unsharded, unsharded
+
+
+SNAPSHOTS = os.path.join(os.path.dirname(__file__), 'fixtures', 'sharding')
+
+
+@pytest.mark.parametrize('preset,devices', [('configs/tiny.py', 8), ('configs/paper.py:1b', 64),
+                                            ('configs/paper.py:3b', 64)])
+def test_every_parameters_sharding_is_the_reviewed_one(preset, devices):
+  """Golden layouts: every parameter's shape, logical axes and mesh axes, from abstract shapes, against the
+  file reviewed when the layout last changed. A change to the rules table or to a module's axes shows up
+  here, parameter by parameter. Rewrite the files on purpose with UNIMP_UPDATE_SNAPSHOTS=1."""
+  cfg = config_lib.load(preset)
+  cfg.data.batch_size = devices
+  specs, shape = summary.abstract_specs(cfg, devices)
+  layout = {'mesh': list(shape), 'parameters': {
+      '/'.join(map(str, path)): [list(shp), list(map(str, axes)), mesh_lib.describe(spec)]
+      for path, (shp, _, axes, spec) in sorted(specs.items())}}
+  path = os.path.join(SNAPSHOTS, preset.split('/')[-1].replace('.py', '').replace(':', '-') + '.json')
+  if os.environ.get('UNIMP_UPDATE_SNAPSHOTS'):
+    os.makedirs(SNAPSHOTS, exist_ok=True)
+    lines = ',\n'.join(f'  {json.dumps(k)}: {json.dumps(v)}' for k, v in layout['parameters'].items())
+    with open(path, 'w') as f:  # one line per parameter, for review
+      f.write(f'{{"mesh": {json.dumps(layout["mesh"])}, "parameters": {{\n{lines}\n}}}}\n')
+  with open(path) as f:
+    reviewed = json.load(f)
+  assert reviewed['mesh'] == layout['mesh']
+  changed = {k: (reviewed['parameters'].get(k), v) for k, v in layout['parameters'].items()
+             if reviewed['parameters'].get(k) != v}
+  gone = sorted(set(reviewed['parameters']) - set(layout['parameters']))
+  assert not changed and not gone, (changed, gone)
