@@ -33,14 +33,22 @@ def devices():
   return jax.devices()
 
 
-# The slowest modules first: the suite runs in 2 pytest-xdist workers that take whole files (README), and
-# a long file picked up last would leave the other worker idle at the end.
-SLOWEST_FIRST = ('test_multihost.py', 'test_main_job.py', 'test_resume.py', 'test_validation.py', 'test_train.py',
-                 'test_vq.py', 'test_item_content.py', 'test_hf_interop.py')
+# The slowest modules, slowest first. They are marked `slow`: the unit tier (`-m "not slow"`, README) leaves
+# them out for the inner loop. And they run first: the suite runs in 2 pytest-xdist workers that take whole
+# files (README), and a long file picked up last would leave the other worker idle at the end.
+SLOW = ('test_multihost.py', 'test_main_job.py', 'test_resume.py', 'test_validation.py', 'test_train.py',
+        'test_vq.py', 'test_item_content.py', 'test_hf_interop.py')
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: a module that trains or starts processes; -m "not slow" skips it')
 
 
 def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  rank = {name: i for i, name in enumerate(SLOW)}
+  for item in items:
+    if item.path.name in rank:
+      item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
