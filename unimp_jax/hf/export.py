@@ -113,7 +113,7 @@ def hf_tensors(model_cfg, params, *, lm_only: bool, dtype: str = 'float32'):
   if lost:
     raise mapping.MappingError(f'parameter {"/".join(lost[0])} has no Hugging Face name; the export would lose it')
   cast = np.dtype(jnp.bfloat16) if dtype == 'bfloat16' else np.dtype(np.float32)
-  return ((name, array.astype(cast) if np.issubdtype(array.dtype, np.floating) else array)
+  return ((name, array.astype(cast, copy=False) if np.issubdtype(array.dtype, np.floating) else array)
           for name, array in mapping.export(rules, flat))
 
 
