@@ -31,10 +31,12 @@ def test_loss_matches_a_numpy_reference(gamma, next_weight, excluded):
   # Excluded tokens (unreleased items) are never targets, and drop out of every softmax.
   tokens = np.where(np.isin(tokens, excluded), 0, tokens)
   next_items = np.where(np.isin(next_items, excluded), 0, next_items)
-  out = loss_lib.token_losses(jnp.asarray(logits, jnp.float32), tokens, mask, jnp.asarray(weight, jnp.float32),
-                              task, num_tasks=num_tasks, focal_gamma=gamma, z_loss=0.0,
-                              next_items_bt=jnp.asarray(next_items), next_item_weight=next_weight,
-                              excluded=np.asarray(excluded, np.int32))
+  kw = dict(num_tasks=num_tasks, focal_gamma=gamma, z_loss=0.0, next_items_bt=jnp.asarray(next_items),
+            next_item_weight=next_weight, excluded=np.asarray(excluded, np.int32))
+  labels = (tokens, mask, jnp.asarray(weight, jnp.float32), task)
+  out = loss_lib.token_losses(jnp.asarray(logits, jnp.float32), *labels, **kw)
+  # The chunked loss, with the identity as the head: 6 predicting positions in chunks of 4 (one padded).
+  chunked = loss_lib.chunked_token_losses(jnp.asarray(logits, jnp.float32), lambda h: h, *labels, chunk=4, **kw)
   # numpy, float64, one token at a time: position i predicts token i+1, or the next item where labelled.
   objective, count, ce_sum, next_sum, next_count = 0.0, 0, np.zeros(num_tasks), 0.0, 0
   for r in range(b):
@@ -52,12 +54,14 @@ def test_loss_matches_a_numpy_reference(gamma, next_weight, excluded):
         count += 1
         next_sum, next_count = next_sum + ce, next_count + 1
   assert next_count > 0 or not next_weight
-  np.testing.assert_allclose(out['objective'], objective, rtol=1e-5)
-  assert out['tokens'] == count
-  np.testing.assert_allclose(out['ce_sum'], ce_sum, rtol=1e-5)
-  np.testing.assert_allclose([out['next_item_ce_sum'], out['next_item_count']], [next_sum, next_count], rtol=1e-5)
-  # The mean loss divides by supervised tokens, not by weights.
-  np.testing.assert_allclose(out['objective'] / out['tokens'], objective / count, rtol=1e-5)
+  for result in (out, chunked):
+    np.testing.assert_allclose(result['objective'], objective, rtol=1e-5)
+    assert result['tokens'] == count
+    np.testing.assert_allclose(result['ce_sum'], ce_sum, rtol=1e-5)
+    np.testing.assert_allclose([result['next_item_ce_sum'], result['next_item_count']], [next_sum, next_count],
+                               rtol=1e-5)
+    # The mean loss divides by supervised tokens, not by weights.
+    np.testing.assert_allclose(result['objective'] / result['tokens'], objective / count, rtol=1e-5)
 
 
 @pytest.fixture(scope='module')
@@ -103,6 +107,23 @@ def test_four_micro_batches_give_the_gradient_of_one_batch(setup):
   assert sums_one['tokens'] == sums_four['tokens'] > 0
   np.testing.assert_allclose(sums_four['objective'], sums_one['objective'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), four, one)
+
+
+def test_the_chunked_loss_gives_the_gradient_of_the_whole_one(setup):
+  """`train.loss_chunk`: the head applied 48 positions at a time (the 127 predicting positions in 3 chunks,
+  the last padded) gives the same sums and gradients as all positions at once."""
+  cfg, _, graphdef, params, batch, pad = setup
+  pure = nnx.to_pure_dict(params)
+
+  def grads(chunk):
+    train_cfg = cfg.train.copy_and_resolve_references()
+    train_cfg.update(loss_chunk=chunk, next_item_weight=1.0, z_loss=1e-3)
+    return jax.jit(step_lib.accumulated_gradients(graphdef, train_cfg, pad_id=pad))(pure, batch)
+
+  (whole, sums_whole), (chunked, sums_chunked) = grads(0), grads(48)
+  assert sums_whole['tokens'] == sums_chunked['tokens'] > 0 and sums_whole['next_item_count'] > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), sums_chunked, sums_whole)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), chunked, whole)
 
 
 def test_overfits_one_batch_and_stops_on_nan(setup):

@@ -140,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   # exist yet at training time (unimp_jax.train.loss). Atomic item ids (semantic codes are shared).
   c.train.exclude_cold_items = True
   c.train.microbatches = 1           # gradient accumulation: the batch is split into this many
+  # > 0: the loss applies the output head this many positions at a time, recomputing each chunk's logits
+  # in the backward pass, so the float32 logits [batch, seq_len, vocabulary] never exist at once (at a
+  # 128k vocabulary they are GiBs per device). 0: all positions at once.
+  c.train.loss_chunk = 0
   # Regexes over parameter paths (`python -m unimp_jax.model.summary`). tiny trains from scratch, so
   # nothing is frozen; configs/paper.py freezes the pretrained towers as the paper does.
   c.train.freeze_patterns = ()
@@ -237,6 +241,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   for key in ('weight_decay', 'focal_gamma', 'z_loss'):
     value = cfg.train[key]
     _check(math.isfinite(value) and value >= 0, f'train.{key}', f'{value}: must be a number >= 0')
+  _check(cfg.train.loss_chunk >= 0, 'train.loss_chunk', f'{cfg.train.loss_chunk}: must be >= 0 (0: no chunks)')
   _check(cfg.train.clip_norm > 0, 'train.clip_norm', f'{cfg.train.clip_norm}: must be > 0 (inf: no clipping)')
   try:
     shape = mesh_lib.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
@@ -310,7 +315,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
 # optimizer); of them, `RESUME_MAY_CHANGE` may differ with a warning (a longer run, another log interval, a
 # dataset moved). Any other key (mesh, checkpoint, eval, pretrained paths) may change freely.
 RESUME_MUST_MATCH = ('model.', 'data.', 'train.', 'seed')
-RESUME_MAY_CHANGE = ('train.steps', 'train.log_every', 'data.path', 'data.image_codes')
+RESUME_MAY_CHANGE = ('train.steps', 'train.log_every', 'train.loss_chunk', 'data.path', 'data.image_codes')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

@@ -83,6 +83,12 @@ class UniMP(nnx.Module):
     and right padding give the same logits at real tokens. Without images the cross-attention blocks are
     skipped: the result is the text-only LM. `dropout_key` (training) turns on `model.lm.dropout`.
     """
+    return self.lm.logits(self.hidden(tokens_bt, images_bnhwc, attention_mask_bt, dropout_key))
+
+  def hidden(self, tokens_bt: jax.Array, images_bnhwc: jax.Array | None = None,
+             attention_mask_bt: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
+    """What `lm.logits` turns into the logits [B, T, width]: the forward pass without its output head, for
+    a loss that applies the head a chunk of positions at a time (unimp_jax.train.loss)."""
     b, t = tokens_bt.shape
     valid_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
     positions_bt = positions(valid_bt)
@@ -96,7 +102,7 @@ class UniMP(nnx.Module):
     pooled, _ = self.pool_items(x, tokens_bt, valid_bt)
     x, _, _ = self.lm(x, positions_bt=positions_bt, mask_bts=mask_bts,
                       latents_bmd=latents, cross_mask_btm=cross_mask, dropout_key=dropout_key)
-    return self.lm.logits(x if pooled is None else x + pooled)
+    return x if pooled is None else x + pooled
 
   def pool_items(self, embedded_btd, tokens_bt, valid_bt, state=None):
     """The pooled user tower (`model.item_pool`): at every position, W times the mean embedding of the real

@@ -32,17 +32,53 @@ def token_losses(logits_btv: jax.Array, tokens_bt: jax.Array, answer_mask_bt: ja
   supervised), per task `ce_sum` / `count` [num_tasks] of plain CE on answer spans, and the next-item
   positions' `next_item_ce_sum` / `next_item_count`, for reporting.
   """
-  logits = logits_btv[:, :-1].astype(jnp.float32)
-  if excluded is not None and len(excluded):  # a target among them gives an infinite loss: training stops
-    keep = jnp.ones(logits.shape[-1], bool).at[excluded].set(False)  # [V]: one select fused into the logits
-    logits = jnp.where(keep, logits, -jnp.inf)
+  targets = _targets(tokens_bt, answer_mask_bt, weight_b, task_b, next_items_bt, next_item_weight)
+  return _sums(logits_btv[:, :-1], *targets, num_tasks=num_tasks, focal_gamma=focal_gamma, z_loss=z_loss,
+               excluded=excluded)
+
+
+def chunked_token_losses(hidden_btd: jax.Array, head, tokens_bt: jax.Array, answer_mask_bt: jax.Array,
+                         weight_b: jax.Array, task_b: jax.Array, *, chunk: int, num_tasks: int, focal_gamma: float,
+                         z_loss: float, next_items_bt: jax.Array | None = None, next_item_weight: float = 0.0,
+                         excluded=None) -> dict[str, jax.Array]:
+  """`token_losses` of `head(hidden)` computed `chunk` positions at a time (`train.loss_chunk`): a scan whose
+  body is rematerialised, so the float32 logits [B, T, V] never exist at once, in the forward pass or the
+  backward one; [B, chunk, V] at a time does. The sums are the same (up to float addition order)."""
+  targets = _targets(tokens_bt, answer_mask_bt, weight_b, task_b, next_items_bt, next_item_weight)
+  hidden = hidden_btd[:, :-1]
+  t = hidden.shape[1]
+  pad = -t % chunk
+  split = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+      x.shape[0], (t + pad) // chunk, chunk, *x.shape[2:]), 1, 0)  # [chunks, B, chunk, ...]; padding: mask 0
+  per_position = [split(x) for x in (hidden, *targets[:-1])]
+
+  @jax.checkpoint
+  def one(xs):
+    h, *rest = xs
+    return _sums(head(h), *rest, targets[-1], num_tasks=num_tasks, focal_gamma=focal_gamma, z_loss=z_loss,
+                 excluded=excluded)
+
+  return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, per_position))
+
+
+def _targets(tokens_bt, answer_mask_bt, weight_b, task_b, next_items_bt, next_item_weight):
+  """(targets, answer mask, loss weight, next-item mask) [B, T-1] of what each position's logits predict,
+  and the task of each row [B]."""
   targets, mask = tokens_bt[:, 1:], answer_mask_bt[:, 1:].astype(jnp.float32)
-  weight = jnp.broadcast_to(weight_b[:, None], mask.shape)
+  weight = jnp.broadcast_to(weight_b[:, None].astype(jnp.float32), mask.shape)
   next_mask = jnp.zeros_like(mask)
   if next_item_weight:
     next_mask = (next_items_bt[:, :-1] >= 0).astype(jnp.float32)  # never an answer position: those are
     targets = jnp.where(next_mask > 0, next_items_bt[:, :-1], targets)  # followed by answer or end tokens
     weight = jnp.where(next_mask > 0, next_item_weight, weight)
+  return targets, mask, weight, next_mask, task_b
+
+
+def _sums(logits_btv, targets, mask, weight, next_mask, task_b, *, num_tasks, focal_gamma, z_loss, excluded):
+  logits = logits_btv.astype(jnp.float32)
+  if excluded is not None and len(excluded):  # a target among them gives an infinite loss: training stops
+    keep = jnp.ones(logits.shape[-1], bool).at[excluded].set(False)  # [V]: one select fused into the logits
+    logits = jnp.where(keep, logits, -jnp.inf)
   supervised = mask + next_mask
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -63,11 +63,15 @@ def accumulated_gradients(graphdef, train_cfg, *, pad_id: int, excluded=None):
     tokens = micro['tokens']
     images = micro.get('images')
     params = items.with_item_rows(graphdef, params, catalogue, pad_id=pad_id)
-    logits = nnx.merge(graphdef, params)(tokens, images, tokens != pad_id, dropout_key=key)
-    out = loss_lib.token_losses(logits, tokens, micro['answer_mask'], micro['weight'], micro['task'],
-                                num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss,
-                                next_items_bt=micro.get('next_items'), next_item_weight=train_cfg.next_item_weight,
-                                excluded=excluded)
+    model = nnx.merge(graphdef, params)
+    labels = (tokens, micro['answer_mask'], micro['weight'], micro['task'])
+    kw = dict(num_tasks=num_tasks, focal_gamma=train_cfg.focal_gamma, z_loss=train_cfg.z_loss,
+              next_items_bt=micro.get('next_items'), next_item_weight=train_cfg.next_item_weight, excluded=excluded)
+    if train_cfg.loss_chunk:  # the head a chunk of positions at a time: no [B, T, V] logits
+      hidden = model.hidden(tokens, images, tokens != pad_id, dropout_key=key)
+      out = loss_lib.chunked_token_losses(hidden, model.lm.logits, *labels, chunk=train_cfg.loss_chunk, **kw)
+    else:
+      out = loss_lib.token_losses(model(tokens, images, tokens != pad_id, dropout_key=key), *labels, **kw)
     return out['objective'], out
 
   def gradients(params, batch, catalogue=None, key=None):
