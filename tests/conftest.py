@@ -36,8 +36,9 @@ def devices():
 # The slowest modules, slowest first. They are marked `slow`: the unit tier (`-m "not slow"`, README) leaves
 # them out for the inner loop. And they run first: the suite runs in 2 pytest-xdist workers that take whole
 # files (README), and a long file picked up last would leave the other worker idle at the end.
-SLOW = ('test_multihost.py', 'test_main_job.py', 'test_resume.py', 'test_validation.py', 'test_train.py',
-        'test_vq.py', 'test_item_content.py', 'test_hf_interop.py')
+SLOW = ('test_multihost.py', 'test_resume.py', 'test_hf_interop.py', 'test_train.py', 'test_main_job.py',
+        'test_image_codes.py', 'test_validation.py', 'test_item_content.py', 'test_vq.py', 'test_hf_parity.py',
+        'test_item_rows.py', 'test_stage1.py', 'test_checkpoint.py')
 
 
 def pytest_configure(config):
