@@ -147,7 +147,16 @@ def _all_rows(server, tmp_path):
   return _write_urls(tmp_path / 'urls.tsv', rows)
 
 
-def test_fetch_writes_original_bytes_and_lists_failures(server, tmp_path):
+def test_fetch_writes_original_bytes_and_lists_failures(server, tmp_path, monkeypatch):
+  # Attempts are counted where they are made: under load, a timed-out attempt may never reach the server.
+  attempts, lock, download = collections.Counter(), threading.Lock(), fetch._download
+
+  def counted(url, *args):
+    with lock:
+      attempts[url.removeprefix(server.url(''))] += 1
+    return download(url, *args)
+
+  monkeypatch.setattr(fetch, '_download', counted)
   out = tmp_path / 'images'
   summary = fetch.fetch(_all_rows(server, tmp_path), str(out), **FAST)
 
@@ -162,10 +171,10 @@ def test_fetch_writes_original_bytes_and_lists_failures(server, tmp_path):
     assert word in failures[item][1], failures[item]
   assert 'unsupported URL scheme' in failures['local'][1]
   assert 'unsupported URL scheme' in failures['ftp'][1]
-  assert server.counts['/missing.jpg'] == 1      # a 404 is final: no retries
-  assert server.counts['/garbage.jpg'] == 1      # so is an undecodable picture
-  assert server.counts['/huge.jpg'] == 1         # and an oversized one
-  assert server.counts['/slow.jpg'] == 3         # a timeout is transient: 1 + 2 retries
+  assert attempts['/missing.jpg'] == 1      # a 404 is final: no retries
+  assert attempts['/garbage.jpg'] == 1      # so is an undecodable picture
+  assert attempts['/huge.jpg'] == 1         # and an oversized one
+  assert attempts['/slow.jpg'] == 3         # a timeout is transient: 1 + 2 retries
 
 
 def test_second_run_skips_existing_and_rewrites_failures(server, tmp_path):
