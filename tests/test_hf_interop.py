@@ -314,8 +314,12 @@ def test_pretrained_towers_fill_the_model_and_the_rest_stays_fresh(tmp_path, dat
   cfg = config_lib.base_config()
   cfg.data.path = data
   cfg.pretrained.update(lm=lm_dir, vision=clip_dir)
-  pretrained.fit_config(cfg, dataset)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  explicit = cfg.copy_and_resolve_references()
+  explicit.model.lm.width = 100  # as --config.model.lm.width=100 would: config.json says 96
+  with pytest.raises(config_lib.ConfigError, match=r'config.model.lm.width: set to 100 on the command line, but '
+                                                   r'the pretrained checkpoint or the dataset gives 96'):
+    pretrained.resolve(explicit, dataset, {'model.lm.width'})
+  pretrained.resolve(cfg, dataset, {'train.steps'})  # the preset's width (128) is not an override: config.json's wins
   assert (cfg.model.lm.width, cfg.model.lm.num_layers, cfg.model.vision.width) == (96, 2, 48)
   model = _model(cfg)
   fresh_alpha = np.asarray(model.lm.groups.cross.alpha_attn[...])

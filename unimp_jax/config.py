@@ -328,10 +328,34 @@ def _flat(tree: dict, prefix: str = '') -> dict:
   return out
 
 
+def flat(cfg: ml_collections.ConfigDict) -> dict:
+  """{'model.lm.width': 128, ...}: every leaf of `cfg` as JSON holds it (references resolved)."""
+  return _flat(json.loads(json.dumps(cfg.to_dict())))
+
+
+def command_line_overrides() -> frozenset[str]:
+  """The keys this process's command line set with `--config.KEY=VALUE` (none without a parsed --config)."""
+  if 'config' not in flags.FLAGS or not flags.FLAGS.is_parsed():
+    return frozenset()
+  try:
+    return frozenset(config_flags.get_override_values(flags.FLAGS['config']))
+  except TypeError:  # a --config flag that is not a config file flag
+    return frozenset()
+
+
+def require_overrides_kept(before: dict, cfg: ml_collections.ConfigDict, explicit) -> None:
+  """Raises if fitting `cfg` to facts (a pretrained checkpoint's config.json, the dataset's tokenizer)
+  changed a key the user set explicitly: `before` is `flat(cfg)` from before the fitting."""
+  after = flat(cfg)
+  for key in sorted(k for k in explicit if k in before and before[k] != after.get(k)):
+    raise ConfigError(f'config.{key}: set to {before[key]!r} on the command line, but the pretrained checkpoint or '
+                      f'the dataset gives {after.get(key)!r}; drop the override or change the source')
+
+
 def resume_changes(saved: dict, cfg: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
   """(refused, allowed) descriptions of how `cfg` differs from the config a checkpoint was `saved` with.
   Keys only one side has (added or removed by a code change since) are not compared."""
-  before, now = _flat(saved), _flat(json.loads(json.dumps(cfg.to_dict())))
+  before, now = _flat(saved), flat(cfg)
   refused, allowed = [], []
   for key in sorted(set(before) & set(now)):
     if before[key] != now[key] and key.startswith(RESUME_MUST_MATCH):

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from unimp_jax import config as config_lib
 from unimp_jax.data import pipeline
-from unimp_jax.hf.pretrained import SOURCES, fit_config, load_pretrained, peak_host_bytes, reset_peak_host_bytes
+from unimp_jax.hf.pretrained import SOURCES, load_pretrained, peak_host_bytes, reset_peak_host_bytes, resolve
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
 
@@ -31,8 +31,7 @@ def main(argv):
   if not any(cfg.pretrained[s] for s in SOURCES):
     raise app.UsageError('set at least one of --config.pretrained.vision / .lm / .idefics')
   dataset = pipeline.open_dataset(cfg)
-  fit_config(cfg, dataset)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  resolve(cfg, dataset, config_lib.command_line_overrides())
   config_lib.validate(cfg, jax.device_count())
   mesh = mesh_lib.make_mesh(cfg.mesh)
   model = unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)

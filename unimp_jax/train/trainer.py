@@ -87,8 +87,7 @@ def train(cfg, workdir: str) -> Run:
   # ---- data: the vocabulary is fitted from the dataset and config alone, before the model exists -------
   config_lib.validate(cfg, jax.device_count())  # the preset's own mistakes, before any dataset is built or read
   dataset = pipeline.open_dataset(cfg)
-  pretrained_lib.fit_config(cfg, dataset)  # the architecture of pretrained parts, from their config.json
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  pretrained_lib.resolve(cfg, dataset, config_lib.command_line_overrides())  # pretrained parts, vocabulary
   mesh_shape = config_lib.validate(cfg, jax.device_count())
 
   # ---- set up the mesh, model and optimizer ------------------------------------------------------------
