@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, prompts, synthetic
+from unimp_jax.data import datasets, formats, pipeline, prompts, synthetic
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
@@ -321,7 +321,7 @@ def test_resume_refuses_a_changed_model_data_or_optimizer_key_naming_it(tmp_path
   data = str(tmp_path / 'fashion')
   synthetic.build(data, num_items=60, num_users=20, seed=5, image_size=32, bpe_vocab=400)
   cfg = config_lib.load('configs/tiny.py', (f'data.path={data}',))
-  pipeline.fit_model_to_dataset(cfg, formats.UnifiedDataset(data))  # as the trainer saves it
+  datasets.fit_model_to_dataset(cfg, formats.UnifiedDataset(data))  # as the trainer saves it
   workdir = str(tmp_path / 'run')
   with checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=1,
                                    async_save=False) as ckpt:
@@ -335,7 +335,7 @@ def test_resume_refuses_a_changed_model_data_or_optimizer_key_naming_it(tmp_path
   # A longer run and another mesh or checkpoint interval are fine; the step count is worth a warning.
   longer = config_lib.load('configs/tiny.py', (f'data.path={data}', 'train.steps=5000', 'checkpoint.every=7',
                                                'mesh.fsdp=2'))
-  pipeline.fit_model_to_dataset(longer, formats.UnifiedDataset(data))
+  datasets.fit_model_to_dataset(longer, formats.UnifiedDataset(data))
   refused, allowed = config_lib.resume_changes(json.loads(json.dumps(cfg.to_dict())), longer)
   assert refused == [] and allowed == ['config.train.steps: 1000 in the checkpoint, 5000 now']
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unimp_jax import config as config_lib, tasks
-from unimp_jax.data import formats, pipeline, splits, synthetic
+from unimp_jax.data import datasets, formats, pipeline, splits, synthetic
 from unimp_jax.eval import evaluate
 from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
   cfg = config_lib.base_config()
   cfg.data.path = path
   cfg.data.seq_len = 192  # a small BPE spells words in more tokens: room for three selection candidates
-  builder = pipeline.make_builder(cfg, formats.UnifiedDataset(path))
+  builder = datasets.make_builder(cfg, formats.UnifiedDataset(path))
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   model = unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0)
   cross = model.lm.groups.cross

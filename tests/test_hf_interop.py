@@ -17,7 +17,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic
+from unimp_jax.data import datasets, formats, synthetic
 from unimp_jax.hf import export, files, mapping, pretrained
 from unimp_jax.model import unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
@@ -41,7 +41,7 @@ def _config(data, every=2, qk_norm=False, tied=False, kv_heads=4):
   cfg.data.path = data
   cfg.model.lm.update(cross_attn_every=every, qk_norm=qk_norm, tie_embeddings=tied, num_kv_heads=kv_heads)
   cfg.model.connector.qk_norm = qk_norm
-  pipeline.fit_model_to_dataset(cfg, formats.UnifiedDataset(data))
+  datasets.fit_model_to_dataset(cfg, formats.UnifiedDataset(data))
   return cfg
 
 
@@ -100,7 +100,7 @@ def test_export_round_trip_is_bit_identical(tmp_path, data, capsys, every, qk_no
 
   from transformers import AutoConfig, AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
-  ours_tokenizer = pipeline.make_builder(cfg, formats.UnifiedDataset(data), workdir).tokenizer
+  ours_tokenizer = datasets.make_builder(cfg, formats.UnifiedDataset(data), workdir).tokenizer
   added = ours_tokenizer.get_added_vocab()
   assert len(added) > 40 and tokenizer.get_added_vocab() == added  # every added token, at its id
   assert len(tokenizer) == len(ours_tokenizer) == cfg.model.lm.vocab_size + cfg.model.lm.added_vocab_size
@@ -114,7 +114,7 @@ def test_export_round_trip_is_bit_identical(tmp_path, data, capsys, every, qk_no
     start = config_lib.base_config()
     start.data.path, start.pretrained.idefics = data, out
     pretrained.fit_config(start, formats.UnifiedDataset(data))
-    pipeline.fit_model_to_dataset(start, formats.UnifiedDataset(data))
+    datasets.fit_model_to_dataset(start, formats.UnifiedDataset(data))
     assert start.model.to_dict() == cfg.model.to_dict()
     back = _model(start, seed=1)
     pretrained.load_pretrained(back, start)
@@ -302,7 +302,7 @@ def test_pretrained_towers_fill_the_model_and_the_rest_stays_fresh(tmp_path, dat
   torch = _torch()
   import transformers
   dataset = formats.UnifiedDataset(data)
-  base_vocab = pipeline.token_ids(config_lib.base_config(), dataset).base_vocab_size
+  base_vocab = datasets.token_ids(config_lib.base_config(), dataset).base_vocab_size
   lm_dir, clip_dir, wrong_dir = (str(tmp_path / n) for n in ('lm', 'clip', 'wrong'))
   lm = _perturbed_and_saved(_llama_family('llama', base_vocab, hidden_size=96, num_hidden_layers=2), lm_dir, torch)
   clip = transformers.CLIPModel(transformers.CLIPConfig(
@@ -384,9 +384,9 @@ def test_a_real_idefics_whose_tokenizer_has_image_tokens_imports_with_parity(tmp
   cfg = config_lib.base_config()
   cfg.data.path, cfg.pretrained.idefics = dataset.path, directory
   pretrained.fit_config(cfg, dataset)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  datasets.fit_model_to_dataset(cfg, dataset)
   assert (cfg.model.image_token_id, cfg.model.lm.vocab_size) == (301, 300)
-  ids = pipeline.token_ids(cfg, dataset)
+  ids = datasets.token_ids(cfg, dataset)
   assert ids.end_of_chunk == 302 and cfg.model.lm.added_vocab_size == ids.added_vocab_size > 2
   model = _model(cfg)
   fresh = np.asarray(model.lm.added_embed[...])
@@ -420,7 +420,7 @@ def test_a_vocabulary_padded_past_its_tokenizer_imports(tmp_path):
   cfg = config_lib.base_config()
   cfg.data.path, cfg.pretrained.lm = dataset.path, directory
   pretrained.fit_config(cfg, dataset)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  datasets.fit_model_to_dataset(cfg, dataset)
   assert (cfg.model.lm.vocab_size, cfg.model.image_token_id) == (320, 320)
   model = _model(cfg)
   pretrained.load_pretrained(model, cfg)

@@ -15,7 +15,7 @@ from PIL import Image
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, splits, synthetic
+from unimp_jax.data import datasets, formats, pipeline, splits, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 from unimp_jax.data.tokenizer import TokenIds
 from unimp_jax.eval import evaluate, generate, predictor as predictor_lib
@@ -123,10 +123,10 @@ def test_generation_needs_image_codes():
 def test_generation_examples_answer_with_the_targets_codes(dataset, codes_file):
   path, codes = codes_file
   plain = _config(dataset)
-  pipeline.fit_model_to_dataset(plain, dataset)
+  datasets.fit_model_to_dataset(plain, dataset)
   cfg = _config(dataset, path, generation=1.0)
   config_lib.validate(cfg, 8)
-  builder = pipeline.make_builder(cfg, dataset)
+  builder = datasets.make_builder(cfg, dataset)
   assert cfg.model.lm.added_vocab_size == plain.model.lm.added_vocab_size + CODEBOOK  # the model gets img_k rows
   ids, lo, hi = builder.ids, builder.ids.image_code(0), builder.ids.image_code(CODEBOOK)
   user = dataset.user(0)
@@ -165,7 +165,7 @@ def generator(dataset, codes_file, tmp_path_factory):
   path = os.path.join(vq_dir, codes_lib.FILE)
   codes_lib.write(path, vq_train.reconstruct(graphdef, params, images)[0], dataset, CODEBOOK)
   cfg = _config(dataset, path, generation=1.0)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  datasets.fit_model_to_dataset(cfg, dataset)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   graphdef, state = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0))
   return cfg, graphdef, nnx.to_pure_dict(state)
@@ -183,7 +183,7 @@ def _generation_prompts(builder, dataset, users=(0, 1, 2)):
 @pytest.mark.parametrize('decoding', generation.DECODINGS)
 def test_generated_codes_are_whole_pictures_of_codes_only(dataset, generator, decoding):
   cfg, graphdef, params = generator
-  builder = pipeline.make_builder(cfg, dataset)
+  builder = datasets.make_builder(cfg, dataset)
   tokens, images, lengths = _generation_prompts(builder, dataset)
   for seed in range(3):  # hot sampling from a random model: unconstrained, most tokens would not be codes
     codes = generation.generate_codes(graphdef, params, builder, tokens, images, lengths, decoding=decoding,
@@ -226,7 +226,7 @@ def test_the_judge_tells_held_out_colours_and_scores_pictures_consistently(datas
   assert judge.labels['colour'] == list(dataset.manifest['extra']['colours'])
   assert judge.accuracy['colour'] > 0.5 > 1 / 8  # cold items, never trained on
   cfg, graphdef, params = generator
-  builder = pipeline.make_builder(cfg, dataset)
+  builder = datasets.make_builder(cfg, dataset)
   users, targets = np.asarray([0, 1, 2, 3]), np.asarray([len(dataset.user(u).interactions) - 1 for u in range(4)])
   items = generation.target_items(dataset, users, targets)
   real = dataset.images(items)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, synthetic
+from unimp_jax.data import datasets, formats, pipeline, synthetic
 from unimp_jax.model import items, unimp, vision
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import step as step_lib
@@ -23,7 +23,7 @@ def _model(dataset, content='image+text', rows='content'):
   cfg = config_lib.base_config()
   cfg.model.item_embeddings = rows
   cfg.data.update(path=dataset.path, item_content=content, batch_size=2)
-  builder = pipeline.make_builder(cfg, dataset)
+  builder = datasets.make_builder(cfg, dataset)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   graphdef, params = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0))
   return cfg, builder, graphdef, jax.tree.map(np.asarray, nnx.to_pure_dict(params))

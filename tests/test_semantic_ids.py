@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, prompts, semantic_ids, synthetic
+from unimp_jax.data import datasets, formats, prompts, semantic_ids, synthetic
 from unimp_jax.data import tokenizer as tokenizer_lib
 
 
@@ -138,7 +138,7 @@ def test_builder_writes_semantic_ids_and_keeps_them_for_the_run(dataset, tmp_pat
   cfg = _cfg(dataset, str(tmp_path / 'emb.npy'))
   config_lib.validate(cfg, 8)
   workdir = str(tmp_path / 'run')
-  builder = pipeline.make_builder(cfg, dataset, workdir)
+  builder = datasets.make_builder(cfg, dataset, workdir)
   plain = tokenizer_lib.TokenIds(dataset.tokenizer().unimp_layout)
   assert cfg.model.lm.added_vocab_size == plain.added_vocab_size + 2 * 4 + 12  # from the config alone
   assert builder.ids.added_vocab_size == cfg.model.lm.added_vocab_size
@@ -166,14 +166,14 @@ def test_builder_writes_semantic_ids_and_keeps_them_for_the_run(dataset, tmp_pat
   saved = json.load(open(os.path.join(workdir, semantic_ids.CODES_FILE)))
   assert saved['codes'] == expected.tolist() and saved['source'] == str(tmp_path / 'emb.npy')
   np.save(tmp_path / 'emb.npy', -embeddings)
-  np.testing.assert_array_equal(pipeline.make_builder(cfg, dataset, workdir).item_codes, expected)
+  np.testing.assert_array_equal(datasets.make_builder(cfg, dataset, workdir).item_codes, expected)
   with pytest.raises(ValueError, match=r'config.data.semantic \(levels, codebook, max_collisions\)'):
-    pipeline.make_builder(_cfg(dataset, '', codebook=5), dataset, workdir)
+    datasets.make_builder(_cfg(dataset, '', codebook=5), dataset, workdir)
   with pytest.raises(ValueError, match='no model parameters'):
-    pipeline.make_builder(_cfg(dataset, ''), dataset, str(tmp_path / 'elsewhere'))
+    datasets.make_builder(_cfg(dataset, ''), dataset, str(tmp_path / 'elsewhere'))
   np.save(tmp_path / 'short.npy', embeddings[:-1])
   with pytest.raises(ValueError, match=r'short\.npy \(config.data.semantic.embeddings\)'):
-    pipeline.make_builder(_cfg(dataset, str(tmp_path / 'short.npy')), dataset, str(tmp_path / 'other'))
+    datasets.make_builder(_cfg(dataset, str(tmp_path / 'short.npy')), dataset, str(tmp_path / 'other'))
 
 
 def test_ids_from_our_own_towers(dataset, tmp_path):
@@ -182,7 +182,7 @@ def test_ids_from_our_own_towers(dataset, tmp_path):
   from unimp_jax.model import unimp
   from unimp_jax.sharding import mesh as mesh_lib
   cfg = _cfg(dataset, '')
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  datasets.fit_model_to_dataset(cfg, dataset)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   graphdef, params = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0))
   params = nnx.to_pure_dict(params)
@@ -194,7 +194,7 @@ def test_ids_from_our_own_towers(dataset, tmp_path):
   text = tok.encode(prompts.TaskBuilder.item_line(dataset.items[5]), add_special_tokens=False)
   rows = np.asarray(params['lm']['embed'])[text].mean(0)
   np.testing.assert_allclose(embeddings[5, 64:], rows / np.linalg.norm(rows), rtol=1e-4, atol=1e-6)
-  builder = pipeline.make_builder(cfg, dataset, str(tmp_path), params=params, graphdef=graphdef)
+  builder = datasets.make_builder(cfg, dataset, str(tmp_path), params=params, graphdef=graphdef)
   np.testing.assert_array_equal(builder.item_codes, semantic_ids.quantise(embeddings, cfg.data.semantic).codes)
   assert os.path.exists(tmp_path / semantic_ids.CODES_FILE)
 

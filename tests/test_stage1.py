@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from unimp_jax import config as config_lib, tasks
-from unimp_jax.data import captions, formats, pipeline, prompts, synthetic
+from unimp_jax.data import captions, datasets, formats, pipeline, prompts, synthetic
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import checkpoint as checkpoint_lib
@@ -65,7 +65,7 @@ def test_the_pipeline_runs_over_pictures_and_keeps_the_stages_apart(data):
   catalogue, corpus = data
   cfg = _config(corpus.path, True, catalogue.path)
   config_lib.validate(cfg, jax.device_count())
-  builder = pipeline.make_builder(cfg, corpus)
+  builder = datasets.make_builder(cfg, corpus)
   batches = list(pipeline.make_dataset(builder, cfg.data, seed=0, num_epochs=1))
   assert sum(len(b['task']) for b in batches) >= len(corpus.items) - cfg.data.batch_size
   assert set(np.concatenate([b['task'] for b in batches])) == {tasks.NAMES.index('caption')}
@@ -74,7 +74,7 @@ def test_the_pipeline_runs_over_pictures_and_keeps_the_stages_apart(data):
   with pytest.raises(ValueError, match='0 users, but config.data.tasks has no caption task'):
     pipeline.make_dataset(builder, _config(corpus.path, False).data, seed=0)
   with pytest.raises(ValueError, match='40 users, but config.data.tasks trains captions'):
-    pipeline.make_dataset(pipeline.make_builder(cfg, catalogue), cfg.data, seed=0)
+    pipeline.make_dataset(datasets.make_builder(cfg, catalogue), cfg.data, seed=0)
   mixed = _config(corpus.path, True, catalogue.path)
   mixed.data.tasks.recommendation = 1.0
   with pytest.raises(config_lib.ConfigError, match='caption .stage 1. trains alone'):
@@ -84,7 +84,7 @@ def test_the_pipeline_runs_over_pictures_and_keeps_the_stages_apart(data):
 
 
 def _params(cfg, dataset, mesh, seed):
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  datasets.fit_model_to_dataset(cfg, dataset)
   return nnx.to_pure_dict(nnx.state(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=seed)))
 
 
@@ -139,7 +139,7 @@ def test_the_stage1_report_probes_the_run_and_the_towers_it_started_from(data):
   catalogue, corpus = data
   cfg = _config(corpus.path, True, catalogue.path)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  pipeline.fit_model_to_dataset(cfg, corpus)
+  datasets.fit_model_to_dataset(cfg, corpus)
   graphdef, params = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed))
   run = types.SimpleNamespace(cfg=cfg, graphdef=graphdef, params=params)
   tables = tasks.TASKS['caption'].report_tables(run, cfg.data.split, None)

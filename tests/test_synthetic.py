@@ -136,14 +136,14 @@ def test_no_cold_item_reaches_a_training_example(built, split):
   any example of two epochs of every task is a cold item, while test targets do include cold ones. The
   train step leaves exactly the cold items' tokens out of its softmax."""
   from unimp_jax import config as config_lib
-  from unimp_jax.data import pipeline
+  from unimp_jax.data import datasets, pipeline
   from unimp_jax.train import step as step_lib
   cold = np.asarray(built.manifest['extra']['cold_items'])
   assert len(cold) == round(synthetic.COLD_FRACTION * len(built.items))
   cfg = config_lib.base_config()
   cfg.data.update(path=built.path, split=split, seq_len=320, num_images=8, batch_size=4)
   cfg.model.vision.image_size = built.image_size
-  builder = pipeline.make_builder(cfg, built)
+  builder = datasets.make_builder(cfg, built)
   cold_tokens = builder.ids.item(cold)
   np.testing.assert_array_equal(np.sort(step_lib.excluded_tokens(cfg.train, builder)), np.sort(cold_tokens))
   cfg.train.exclude_cold_items = False

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline, prompts, synthetic
+from unimp_jax.data import datasets, formats, pipeline, prompts, synthetic
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 from unimp_jax.train import loss as loss_lib
@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('train') / 'fashion')
   synthetic.build(path, num_items=150, num_users=60, seed=1, image_size=cfg.model.vision.image_size, bpe_vocab=1024)
   dataset = formats.UnifiedDataset(path)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  datasets.fit_model_to_dataset(cfg, dataset)
   cfg.data.update(seq_len=128, num_images=5, history=4)
   builder = prompts.TaskBuilder(dataset, dataset.tokenizer(), seq_len=128, num_images=5, history=4)
   batch = next(iter(pipeline.make_dataset(builder, cfg.data, seed=0)))

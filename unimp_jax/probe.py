@@ -15,7 +15,7 @@ import argparse
 import jax
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline
+from unimp_jax.data import datasets, formats
 from unimp_jax.eval import probe
 from unimp_jax.eval.predictor import Predictor
 
@@ -25,8 +25,8 @@ def _random_towers(config_path: str, data: str | None):
   cfg = config_lib.load(config_path)
   if data:
     cfg.data.path = data
-  dataset = pipeline.open_dataset(cfg)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  dataset = datasets.open_dataset(cfg)
+  datasets.fit_model_to_dataset(cfg, dataset)
   config_lib.validate(cfg, jax.device_count())
   return (*probe.random_towers(cfg), dataset)
 

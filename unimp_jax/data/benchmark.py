@@ -21,7 +21,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import pipeline
+from unimp_jax.data import datasets, pipeline
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
 
@@ -69,8 +69,8 @@ def step_rate(cfg, builder, steps: int) -> float:
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  dataset = pipeline.open_dataset(cfg)
-  builder = pipeline.make_builder(cfg, dataset)  # fits the vocabulary; atomic ids (semantic ones need a run)
+  dataset = datasets.open_dataset(cfg)
+  builder = datasets.make_builder(cfg, dataset)  # fits the vocabulary; atomic ids (semantic ones need a run)
   config_lib.validate(cfg, jax.device_count())
   rates = {}
   for workers in (0, 2):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, images as images_lib, pipeline, prompts
+from unimp_jax.data import datasets, formats, images as images_lib, pipeline, prompts
 from unimp_jax.eval import generate
 from unimp_jax.model import items, unimp
 from unimp_jax.sharding import mesh as mesh_lib
@@ -150,7 +150,7 @@ class Predictor:
   def __init__(self, cfg, graphdef, params, dataset: formats.UnifiedDataset, workdir: str):
     """`params` as trained (a checkpoint's); content item rows are written in here (model.items)."""
     self.cfg, self.graphdef, self.dataset, self.workdir = cfg, graphdef, dataset, workdir
-    self.builder = pipeline.make_builder(cfg, dataset, workdir)
+    self.builder = datasets.make_builder(cfg, dataset, workdir)
     self.params = items.inference_params(graphdef, params, self.builder)
 
   @classmethod
@@ -161,7 +161,7 @@ class Predictor:
     step = checkpoint_lib.served_step(directory) if step is None else step
     cfg = run_config(workdir, step)
     dataset = formats.UnifiedDataset(cfg.data.path)
-    pipeline.fit_model_to_dataset(cfg, dataset)
+    datasets.fit_model_to_dataset(cfg, dataset)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     graphdef, abstract = unimp.abstract_model(cfg.model, cfg.seed)
     shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh, cfg.mesh.rules))

@@ -15,7 +15,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import pipeline
+from unimp_jax.data import datasets
 from unimp_jax.hf.pretrained import SOURCES, load_pretrained, peak_host_bytes, reset_peak_host_bytes, resolve
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
@@ -30,7 +30,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if not any(cfg.pretrained[s] for s in SOURCES):
     raise app.UsageError('set at least one of --config.pretrained.vision / .lm / .idefics')
-  dataset = pipeline.open_dataset(cfg)
+  dataset = datasets.open_dataset(cfg)
   resolve(cfg, dataset, config_lib.command_line_overrides())
   config_lib.validate(cfg, jax.device_count())
   mesh = mesh_lib.make_mesh(cfg.mesh)

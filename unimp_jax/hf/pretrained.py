@@ -23,7 +23,7 @@ import resource
 import sys
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import formats, pipeline
+from unimp_jax.data import datasets, formats
 from unimp_jax.hf import files, mapping
 
 SOURCES = ('idefics', 'vision', 'lm')
@@ -44,12 +44,12 @@ def hf_config(cfg, source: str):
 
 def fit_config(cfg, dataset: formats.UnifiedDataset) -> None:
   """Sets the architecture of every pretrained part from its `config.json` and checks its vocabulary against
-  the dataset's tokenizer. Run before `pipeline.fit_model_to_dataset`; a no-op without `pretrained` dirs."""
+  the dataset's tokenizer. Run before `datasets.fit_model_to_dataset`; a no-op without `pretrained` dirs."""
   p = cfg.pretrained
   if p.idefics and (p.vision or p.lm):
     raise config_lib.ConfigError('config.pretrained.idefics is a whole model: leave pretrained.vision and '
                                  'pretrained.lm empty')
-  ids = pipeline.token_ids(cfg, dataset)
+  ids = datasets.token_ids(cfg, dataset)
   vocab = []
   if p.idefics:
     hf = hf_config(cfg, 'idefics')
@@ -86,7 +86,7 @@ def resolve(cfg, dataset: formats.UnifiedDataset, explicit=frozenset()) -> None:
   `explicit` (the command line's overrides) that either changes is an error naming both values."""
   before = config_lib.flat(cfg)
   fit_config(cfg, dataset)
-  pipeline.fit_model_to_dataset(cfg, dataset)
+  datasets.fit_model_to_dataset(cfg, dataset)
   config_lib.require_overrides_kept(before, cfg, explicit)
 
 

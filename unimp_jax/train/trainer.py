@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from unimp_jax import config as config_lib
-from unimp_jax.data import pipeline, prompts
+from unimp_jax.data import datasets, pipeline, prompts
 from unimp_jax.eval import evaluate
 from unimp_jax.hf import pretrained as pretrained_lib
 from unimp_jax.model import items, unimp
@@ -86,7 +86,7 @@ def validation_metrics(cfg, graphdef, params, builder: prompts.TaskBuilder) -> d
 def train(cfg, workdir: str) -> Run:
   # ---- data: the vocabulary is fitted from the dataset and config alone, before the model exists -------
   config_lib.validate(cfg, jax.device_count())  # the preset's own mistakes, before any dataset is built or read
-  dataset = pipeline.open_dataset(cfg)
+  dataset = datasets.open_dataset(cfg)
   pretrained_lib.resolve(cfg, dataset, config_lib.command_line_overrides())  # pretrained parts, vocabulary
   mesh_shape = config_lib.validate(cfg, jax.device_count())
 
@@ -111,7 +111,7 @@ def train(cfg, workdir: str) -> Run:
                                    + '; '.join(refused) + '. Use a new workdir, or the checkpoint\'s values')
     for line in allowed:
       say(f'warning: resuming with {line}')
-    builder = pipeline.make_builder(cfg, dataset, workdir)
+    builder = datasets.make_builder(cfg, dataset, workdir)
     batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
     state, start = checkpointer.restore(abstract_state, data_iterator=batches)
     say(f'resumed from step {start} ({checkpointer.directory})')
@@ -125,7 +125,7 @@ def train(cfg, workdir: str) -> Run:
     for line in lines:
       say(line)
     del model
-    builder = pipeline.make_builder(cfg, dataset, workdir, params=params, graphdef=graphdef)
+    builder = datasets.make_builder(cfg, dataset, workdir, params=params, graphdef=graphdef)
     batches = iter(pipeline.make_dataset(builder, cfg.data, seed=cfg.seed))
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)
     start = 0
