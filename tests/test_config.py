@@ -102,10 +102,8 @@ def test_summary_command_prints_counts_and_shardings():
     (['--config.train.steps=abc'], '--config.train.steps=abc'),
     (['--config.train.steps=-5'], 'config.train.steps: -5: must be >= 1'),
     (['--config.data.path={tmp}/mistyped/fashion'], 'config.data.path: no dataset at'),
-    (['--workdir={tmp}/a_file/run'], 'a_file/run: cannot write there (Not a directory)'),
 ])
 def test_the_main_job_refuses_a_bad_config_in_one_line(tmp_path, args, says):
-  (tmp_path / 'a_file').write_text('')
   proc = subprocess.run([sys.executable, '-m', 'unimp_jax.main', '--config', 'configs/tiny.py',
                          f'--workdir={tmp_path}/run', *(a.format(tmp=tmp_path) for a in args)],
                         env=support.subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -114,10 +112,16 @@ def test_the_main_job_refuses_a_bad_config_in_one_line(tmp_path, args, says):
   assert not (tmp_path / 'mistyped').exists() and not (tmp_path / 'run' / 'checkpoints').exists()
 
 
-def test_a_workdir_no_file_can_be_written_in_is_refused_at_start_up():
-  """An existing folder that refuses new files, for any user including root (/proc on Linux)."""
+def test_a_workdir_no_file_can_be_written_in_is_refused_at_start_up(tmp_path):
+  """A path under a regular file, and an existing folder that refuses new files for any user including
+  root (/proc on Linux). ConfigError is what the commands print in one line (the test above)."""
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(config_lib.ConfigError, match=r'a_file/run: cannot write there \(Not a directory\)'):
+    config_lib.make_workdir(str(tmp_path / 'a_file' / 'run'))
   with pytest.raises(config_lib.ConfigError, match='--workdir /proc: cannot write there'):
     config_lib.make_workdir('/proc')
+  config_lib.make_workdir(str(tmp_path / 'new' / 'run'))
+  assert os.listdir(tmp_path / 'new' / 'run') == []  # created, and the probe file is gone
 
 
 def test_transformers_advisories_are_silenced_by_importing_the_package():
