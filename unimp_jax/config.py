@@ -347,7 +347,9 @@ def require_overrides_kept(before: dict, cfg: ml_collections.ConfigDict, explici
   """Raises if fitting `cfg` to facts (a pretrained checkpoint's config.json, the dataset's tokenizer)
   changed a key the user set explicitly: `before` is `flat(cfg)` from before the fitting."""
   after = flat(cfg)
-  for key in sorted(k for k in explicit if k in before and before[k] != after.get(k)):
+  changed = sorted(k for k in explicit if k in before and before[k] != after.get(k))
+  if changed:
+    key = changed[0]
     raise ConfigError(f'config.{key}: set to {before[key]!r} on the command line, but the pretrained checkpoint or '
                       f'the dataset gives {after.get(key)!r}; drop the override or change the source')
 
