@@ -371,8 +371,7 @@ def make_workdir(workdir: str) -> None:
   folder fails at start-up in one line (ConfigError), not at the first save after compiling."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
+    tempfile.TemporaryFile(dir=workdir).close()  # a file can be created there (and is gone again)
   except OSError as e:
     raise ConfigError(f'--workdir {workdir}: cannot write there ({e.strerror or e})') from None
 

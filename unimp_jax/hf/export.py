@@ -183,13 +183,14 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f'{out} exists and is not empty; pass --overwrite to replace it')
   workdir = run_directory(checkpoint)
-  model_cfg = run_config(workdir, step).model  # what Hugging Face cannot hold fails here, before the weights
+  saved = run_config(workdir, step)  # what Hugging Face cannot hold fails here, before the weights
+  model_cfg = saved.model
   if model_cfg.item_pool:
     raise mapping.MappingError('model.item_pool (the pooled user tower beside the LM) has no Hugging Face '
                                'equivalent; this run cannot be exported')
   if not lm_only:
     mapping.idefics_config(model_cfg)
-    refuse_idefics_without_pictures(run_config(workdir, step).data.item_content)
+    refuse_idefics_without_pictures(saved.data.item_content)
   predictor = Predictor.from_workdir(workdir, step)
   cfg, tokenizer = predictor.cfg, predictor.builder.tokenizer
   if step is None:

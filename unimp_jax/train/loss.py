@@ -32,8 +32,8 @@ def token_losses(logits_btv: jax.Array, tokens_bt: jax.Array, answer_mask_bt: ja
   supervised), per task `ce_sum` / `count` [num_tasks] of plain CE on answer spans, and the next-item
   positions' `next_item_ce_sum` / `next_item_count`, for reporting.
   """
-  targets = _targets(tokens_bt, answer_mask_bt, weight_b, task_b, next_items_bt, next_item_weight)
-  return _sums(logits_btv[:, :-1], *targets, num_tasks=num_tasks, focal_gamma=focal_gamma, z_loss=z_loss,
+  labels = _labels(tokens_bt, answer_mask_bt, weight_b, next_items_bt, next_item_weight)
+  return _sums(logits_btv[:, :-1], *labels, task_b, num_tasks=num_tasks, focal_gamma=focal_gamma, z_loss=z_loss,
                excluded=excluded)
 
 
@@ -41,29 +41,27 @@ def chunked_token_losses(hidden_btd: jax.Array, head, tokens_bt: jax.Array, answ
                          weight_b: jax.Array, task_b: jax.Array, *, chunk: int, num_tasks: int, focal_gamma: float,
                          z_loss: float, next_items_bt: jax.Array | None = None, next_item_weight: float = 0.0,
                          excluded=None) -> dict[str, jax.Array]:
-  """`token_losses` of `head(hidden)` computed `chunk` positions at a time (`train.loss_chunk`): a scan whose
+  """`token_losses` of `head(hidden)` computed `chunk` positions at a time (`train.loss_chunk`): a loop whose
   body is rematerialised, so the float32 logits [B, T, V] never exist at once, in the forward pass or the
   backward one; [B, chunk, V] at a time does. The sums are the same (up to float addition order)."""
-  targets = _targets(tokens_bt, answer_mask_bt, weight_b, task_b, next_items_bt, next_item_weight)
+  labels = _labels(tokens_bt, answer_mask_bt, weight_b, next_items_bt, next_item_weight)
   hidden = hidden_btd[:, :-1]
   t = hidden.shape[1]
   pad = -t % chunk
   split = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
       x.shape[0], (t + pad) // chunk, chunk, *x.shape[2:]), 1, 0)  # [chunks, B, chunk, ...]; padding: mask 0
-  per_position = [split(x) for x in (hidden, *targets[:-1])]
 
   @jax.checkpoint
   def one(xs):
-    h, *rest = xs
-    return _sums(head(h), *rest, targets[-1], num_tasks=num_tasks, focal_gamma=focal_gamma, z_loss=z_loss,
+    h, *chunk_labels = xs
+    return _sums(head(h), *chunk_labels, task_b, num_tasks=num_tasks, focal_gamma=focal_gamma, z_loss=z_loss,
                  excluded=excluded)
 
-  return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, per_position))
+  return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, [split(x) for x in (hidden, *labels)]))
 
 
-def _targets(tokens_bt, answer_mask_bt, weight_b, task_b, next_items_bt, next_item_weight):
-  """(targets, answer mask, loss weight, next-item mask) [B, T-1] of what each position's logits predict,
-  and the task of each row [B]."""
+def _labels(tokens_bt, answer_mask_bt, weight_b, next_items_bt, next_item_weight):
+  """(targets, answer mask, loss weight, next-item mask), each [B, T-1]: what each position's logits predict."""
   targets, mask = tokens_bt[:, 1:], answer_mask_bt[:, 1:].astype(jnp.float32)
   weight = jnp.broadcast_to(weight_b[:, None].astype(jnp.float32), mask.shape)
   next_mask = jnp.zeros_like(mask)
@@ -71,7 +69,7 @@ def _targets(tokens_bt, answer_mask_bt, weight_b, task_b, next_items_bt, next_it
     next_mask = (next_items_bt[:, :-1] >= 0).astype(jnp.float32)  # never an answer position: those are
     targets = jnp.where(next_mask > 0, next_items_bt[:, :-1], targets)  # followed by answer or end tokens
     weight = jnp.where(next_mask > 0, next_item_weight, weight)
-  return targets, mask, weight, next_mask, task_b
+  return targets, mask, weight, next_mask
 
 
 def _sums(logits_btv, targets, mask, weight, next_mask, task_b, *, num_tasks, focal_gamma, z_loss, excluded):
