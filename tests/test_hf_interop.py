@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from flax.nnx import traversals
 
-from unimp_jax import config as config_lib
+from unimp_jax import config as config_lib, runs
 from unimp_jax.data import datasets, formats, synthetic
 from unimp_jax.hf import export, files, mapping, pretrained
 from unimp_jax.model import unimp, vision
@@ -183,6 +183,28 @@ def test_a_run_with_the_item_pool_is_refused_before_anything_is_written(tmp_path
   assert os.listdir(tmp_path) == ['run']
 
 
+def test_a_run_reads_back_as_trained_and_is_refused_on_a_changed_dataset(tmp_path, data):
+  """`runs.load` gives the saved config and parameters. A dataset whose tokenizer changed since the run
+  trained (here another dataset at the run's data.path) is refused, naming the key and both values."""
+  cfg = _config(data, 2, False, False, 4)
+  workdir, params = _trained_run(tmp_path, cfg)
+  run = runs.load(workdir)
+  assert run.step == 3 and config_lib.flat(run.cfg) == config_lib.flat(cfg)
+  restored = traversals.flatten_mapping(jax.device_get(run.params))
+  assert restored.keys() == params.keys()
+  for key, value in params.items():
+    np.testing.assert_array_equal(restored[key], value)
+  other = str(tmp_path / 'other')
+  synthetic.build(other, num_items=40, num_users=30, seed=1, image_size=32, bpe_vocab=300)
+  cfg.data.path = other
+  (tmp_path / 'b').mkdir()
+  moved, _ = _trained_run(tmp_path / 'b', cfg)
+  vocab = cfg.model.lm.vocab_size  # <image> is the first added token: its id is the base vocabulary's size
+  with pytest.raises(config_lib.ConfigError, match=rf'config.model.image_token_id: set to {vocab} when the run was '
+                                                   rf'trained, but the dataset at {other} gives (?!{vocab}\b)\d+'):
+    runs.load(moved)
+
+
 def test_pickles_are_refused_never_loaded(tmp_path):
   marker = tmp_path / 'unpickled'
 
@@ -318,8 +340,8 @@ def test_pretrained_towers_fill_the_model_and_the_rest_stays_fresh(tmp_path, dat
   explicit.model.lm.width = 100  # as --config.model.lm.width=100 would: config.json says 96
   with pytest.raises(config_lib.ConfigError, match=r'config.model.lm.width: set to 100 on the command line, but '
                                                    r'the pretrained checkpoint or the dataset gives 96'):
-    pretrained.resolve(explicit, dataset, {'model.lm.width'})
-  pretrained.resolve(cfg, dataset, {'train.steps'})  # the preset's width (128) is not an override: config.json's wins
+    runs.resolve(explicit, dataset, {'model.lm.width'})
+  runs.resolve(cfg, dataset, {'train.steps'})  # the preset's width (128) is not an override: config.json's wins
   assert (cfg.model.lm.width, cfg.model.lm.num_layers, cfg.model.vision.width) == (96, 2, 48)
   model = _model(cfg)
   fresh_alpha = np.asarray(model.lm.groups.cross.alpha_attn[...])
@@ -394,6 +416,9 @@ def test_a_real_idefics_whose_tokenizer_has_image_tokens_imports_with_parity(tmp
   added = np.asarray(model.lm.added_embed[...])
   np.testing.assert_array_equal(added[:2], hf.model.embed_tokens.additional_embedding.weight.detach().float().numpy())
   np.testing.assert_array_equal(added[2:], fresh[2:])
+  workdir, _ = _trained_run(tmp_path, cfg)  # a run whose <image> is not its first added token, read back
+  saved = runs.saved_config(workdir)
+  assert (saved.model.image_token_id, saved.model.lm.vocab_size) == (301, 300)  # as saved, before any fitting
 
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 300, (2, 80))

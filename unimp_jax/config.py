@@ -343,15 +343,14 @@ def command_line_overrides() -> frozenset[str]:
     return frozenset()
 
 
-def require_overrides_kept(before: dict, cfg: ml_collections.ConfigDict, explicit) -> None:
-  """Raises if fitting `cfg` to facts (a pretrained checkpoint's config.json, the dataset's tokenizer)
-  changed a key the user set explicitly: `before` is `flat(cfg)` from before the fitting."""
+def require_kept(before: dict, cfg: ml_collections.ConfigDict, keys, how: str, source: str, advice: str) -> None:
+  """Raises if fitting `cfg` to facts changed one of `keys`, whose values `before` (`flat(cfg)` from before
+  the fitting) were set `how` (e.g. 'on the command line'); `source` names the facts."""
   after = flat(cfg)
-  changed = sorted(k for k in explicit if k in before and before[k] != after.get(k))
+  changed = sorted(k for k in keys if k in before and before[k] != after.get(k))
   if changed:
     key = changed[0]
-    raise ConfigError(f'config.{key}: set to {before[key]!r} on the command line, but the pretrained checkpoint or '
-                      f'the dataset gives {after.get(key)!r}; drop the override or change the source')
+    raise ConfigError(f'config.{key}: set to {before[key]!r} {how}, but {source} gives {after.get(key)!r}; {advice}')
 
 
 def resume_changes(saved: dict, cfg: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:

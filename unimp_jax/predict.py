@@ -17,9 +17,10 @@ import sys
 from absl import app, flags, logging
 from PIL import Image
 
+from unimp_jax import runs
 from unimp_jax.data import formats
 from unimp_jax.eval import gallery, predictor as predictor_lib
-from unimp_jax.eval.predictor import Predictor, run_config
+from unimp_jax.eval.predictor import Predictor
 from unimp_jax.tasks import generation
 from unimp_jax.train import checkpoint as checkpoint_lib
 
@@ -42,7 +43,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every restore, and warns that a read is read-only
     logging.set_verbosity(logging.ERROR)
   try:
-    cfg = run_config(_WORKDIR.value)
+    cfg = runs.saved_config(_WORKDIR.value)
     dataset = formats.UnifiedDataset(cfg.data.path)
     inputs = predictor_lib.check_request(
         len(dataset.items), dataset.tokenizer().unimp_layout['num_slots'], history=_HISTORY.value,

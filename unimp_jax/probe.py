@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-
-from unimp_jax import config as config_lib
+from unimp_jax import config as config_lib, runs
 from unimp_jax.data import datasets, formats
 from unimp_jax.eval import probe
 from unimp_jax.eval.predictor import Predictor
@@ -26,8 +24,7 @@ def _random_towers(config_path: str, data: str | None):
   if data:
     cfg.data.path = data
   dataset = datasets.open_dataset(cfg)
-  datasets.fit_model_to_dataset(cfg, dataset)
-  config_lib.validate(cfg, jax.device_count())
+  runs.resolve(cfg, dataset)
   return (*probe.random_towers(cfg), dataset)
 
 

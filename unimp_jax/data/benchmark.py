@@ -20,7 +20,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from unimp_jax import config as config_lib
+from unimp_jax import runs
 from unimp_jax.data import datasets, pipeline
 from unimp_jax.model import unimp
 from unimp_jax.sharding import mesh as mesh_lib
@@ -70,8 +70,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   dataset = datasets.open_dataset(cfg)
-  builder = datasets.make_builder(cfg, dataset)  # fits the vocabulary; atomic ids (semantic ones need a run)
-  config_lib.validate(cfg, jax.device_count())
+  runs.resolve(cfg, dataset)
+  builder = datasets.make_builder(cfg, dataset)  # atomic ids (semantic ones need a run)
   rates = {}
   for workers in (0, 2):
     data_cfg = cfg.data.copy_and_resolve_references()

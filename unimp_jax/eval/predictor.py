@@ -17,15 +17,12 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx
 
-from unimp_jax import config as config_lib
+from unimp_jax import runs
 from unimp_jax.data import datasets, formats, images as images_lib, pipeline, prompts
 from unimp_jax.eval import generate
-from unimp_jax.model import items, unimp
-from unimp_jax.sharding import mesh as mesh_lib
+from unimp_jax.model import items
 from unimp_jax.tasks import base, generation, preference, recommendation, search, selection
-from unimp_jax.train import checkpoint as checkpoint_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +66,6 @@ class _CatalogueView:
 
   def tokenizer(self):
     return self._dataset.tokenizer()
-
-
-def _merged(cfg, saved: dict, prefix: str = ''):
-  """The saved config over the current defaults (keys added since the run keep their defaults)."""
-  for key, value in saved.items():
-    if key not in cfg:
-      raise ValueError(f'the run\'s config has config.{prefix}{key}, which this version does not know')
-    if isinstance(value, dict):
-      _merged(cfg[key], value, f'{prefix}{key}.')
-    else:
-      cfg[key] = _tuples(value)
-  return cfg
 
 
 class InputError(ValueError):
@@ -134,16 +119,6 @@ def check_request(num_items: int, num_slots: int, *, history=(), new_items=(), t
   return {'history': history, 'rate': rate, 'select': select}
 
 
-def run_config(workdir: str, step: int | None = None):
-  """The config a run directory's newest (or `step`) checkpoint was saved with, over today's defaults."""
-  return _merged(config_lib.base_config(), checkpoint_lib.read_config(os.path.join(workdir, 'checkpoints'), step))
-
-
-def _tuples(value):
-  """JSON lists back to the tuples configs hold (e.g. the sharding rules table)."""
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 class Predictor:
   """A trained model, its task builder and compiled functions, ready to answer for any history."""
 
@@ -155,20 +130,10 @@ class Predictor:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> 'Predictor':
-    """A main-job or benchmark run directory's checkpoint at `step`; by default the step the run hands on
-    (the best by its validation score with `eval.every`, else the newest: checkpoint.served_step)."""
-    directory = os.path.join(workdir, 'checkpoints')
-    step = checkpoint_lib.served_step(directory) if step is None else step
-    cfg = run_config(workdir, step)
-    dataset = formats.UnifiedDataset(cfg.data.path)
-    datasets.fit_model_to_dataset(cfg, dataset)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    graphdef, abstract = unimp.abstract_model(cfg.model, cfg.seed)
-    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh, cfg.mesh.rules))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract), shardings)
-    params = checkpoint_lib.restore_params(directory, target, step=step)
-    return cls(cfg, graphdef, params, dataset, workdir)
+    """A main-job or benchmark run directory's checkpoint at `step` (default: the step the run hands on;
+    unimp_jax.runs.load)."""
+    run = runs.load(workdir, step)
+    return cls(run.cfg, run.graphdef, run.params, run.dataset, workdir)
 
   # ---- one example from a history ------------------------------------------------------------------
   def history_view(self, history: list):

@@ -175,7 +175,8 @@ model, info = {architecture}.from_pretrained(DIR, output_loading_info=True)
 
 def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool = False,
            max_shard_bytes: int = 2 * 10**9, overwrite: bool = False, dtype: str = 'float32') -> str:
-  from unimp_jax.eval.predictor import Predictor, run_config
+  from unimp_jax import runs
+  from unimp_jax.eval.predictor import Predictor
   from transformers import GenerationConfig
   out = os.path.abspath(out)
   if dtype not in DTYPES:
@@ -183,7 +184,7 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f'{out} exists and is not empty; pass --overwrite to replace it')
   workdir = run_directory(checkpoint)
-  saved = run_config(workdir, step)  # what Hugging Face cannot hold fails here, before the weights
+  saved = runs.saved_config(workdir, step)  # what Hugging Face cannot hold fails here, before the weights
   model_cfg = saved.model
   if model_cfg.item_pool:
     raise mapping.MappingError('model.item_pool (the pooled user tower beside the LM) has no Hugging Face '

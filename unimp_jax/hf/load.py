@@ -14,9 +14,9 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from unimp_jax import config as config_lib
+from unimp_jax import runs
 from unimp_jax.data import datasets
-from unimp_jax.hf.pretrained import SOURCES, load_pretrained, peak_host_bytes, reset_peak_host_bytes, resolve
+from unimp_jax.hf.pretrained import SOURCES, load_pretrained, peak_host_bytes, reset_peak_host_bytes
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Preset file[:arg].', lock_config=True)
 
@@ -31,8 +31,7 @@ def main(argv):
   if not any(cfg.pretrained[s] for s in SOURCES):
     raise app.UsageError('set at least one of --config.pretrained.vision / .lm / .idefics')
   dataset = datasets.open_dataset(cfg)
-  resolve(cfg, dataset, config_lib.command_line_overrides())
-  config_lib.validate(cfg, jax.device_count())
+  runs.resolve(cfg, dataset)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   model = unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=cfg.seed)
   model_bytes = sum(x.nbytes for x in jax.tree.leaves(jax.block_until_ready(nnx.state(model, nnx.Param))))

@@ -80,16 +80,6 @@ def fit_config(cfg, dataset: formats.UnifiedDataset) -> None:
           f'--tokenizer {p[source]})')
 
 
-def resolve(cfg, dataset: formats.UnifiedDataset, explicit=frozenset()) -> None:
-  """The config's final form for `dataset`, in the one order every command uses: the pretrained parts'
-  architecture from their config.json, then the vocabulary from the dataset's tokenizer. A key in
-  `explicit` (the command line's overrides) that either changes is an error naming both values."""
-  before = config_lib.flat(cfg)
-  fit_config(cfg, dataset)
-  datasets.fit_model_to_dataset(cfg, dataset)
-  config_lib.require_overrides_kept(before, cfg, explicit)
-
-
 def load_pretrained(model, cfg) -> list[str]:
   """Fills `model` from every `pretrained.*` directory; returns one line per source loaded."""
   loaders = {'idefics': mapping.load_idefics, 'vision': mapping.load_clip_vision, 'lm': mapping.load_llama}

@@ -136,12 +136,13 @@ def main(argv=None) -> int:
   parser.add_argument('--atol', type=float, default=1e-3)
   parser.add_argument('--greedy', type=int, default=20, help='Greedy tokens compared (0: skip).')
   args = parser.parse_args(argv)
-  from unimp_jax.eval.predictor import Predictor, run_config
+  from unimp_jax import runs
+  from unimp_jax.eval.predictor import Predictor
   from unimp_jax.hf import export
   workdir = export.run_directory(args.checkpoint)
   lm_only = files.read_json(args.hf)['architectures'][0] != 'IdeficsForVisionText2Text'
   if not lm_only:  # before anything is loaded
-    export.refuse_idefics_without_pictures(run_config(workdir, args.step).data.item_content)
+    export.refuse_idefics_without_pictures(runs.saved_config(workdir, args.step).data.item_content)
   predictor = Predictor.from_workdir(workdir, args.step)
   hf = load_hf(args.hf, args.dtype)
   cfg, builder = predictor.cfg, predictor.builder

@@ -25,7 +25,7 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from unimp_jax import config as config_lib
+from unimp_jax import config as config_lib, runs
 from unimp_jax.data import datasets, pipeline, prompts
 from unimp_jax.eval import evaluate
 from unimp_jax.hf import pretrained as pretrained_lib
@@ -87,8 +87,7 @@ def train(cfg, workdir: str) -> Run:
   # ---- data: the vocabulary is fitted from the dataset and config alone, before the model exists -------
   config_lib.validate(cfg, jax.device_count())  # the preset's own mistakes, before any dataset is built or read
   dataset = datasets.open_dataset(cfg)
-  pretrained_lib.resolve(cfg, dataset, config_lib.command_line_overrides())  # pretrained parts, vocabulary
-  mesh_shape = config_lib.validate(cfg, jax.device_count())
+  mesh_shape = runs.resolve(cfg, dataset)  # pretrained parts, vocabulary
 
   # ---- set up the mesh, model and optimizer ------------------------------------------------------------
   mesh = mesh_lib.make_mesh(cfg.mesh)
