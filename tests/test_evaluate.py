@@ -24,7 +24,9 @@ def setup(tmp_path_factory):
   cfg = config_lib.base_config()
   cfg.data.path = path
   cfg.data.seq_len = 192  # a small BPE spells words in more tokens: room for three selection candidates
-  builder = datasets.make_builder(cfg, formats.UnifiedDataset(path))
+  dataset = formats.UnifiedDataset(path)
+  datasets.fit_model_to_dataset(cfg, dataset)
+  builder = datasets.make_builder(cfg, dataset)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   model = unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0)
   cross = model.lm.groups.cross

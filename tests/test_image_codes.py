@@ -126,6 +126,7 @@ def test_generation_examples_answer_with_the_targets_codes(dataset, codes_file):
   datasets.fit_model_to_dataset(plain, dataset)
   cfg = _config(dataset, path, generation=1.0)
   config_lib.validate(cfg, 8)
+  datasets.fit_model_to_dataset(cfg, dataset)
   builder = datasets.make_builder(cfg, dataset)
   assert cfg.model.lm.added_vocab_size == plain.model.lm.added_vocab_size + CODEBOOK  # the model gets img_k rows
   ids, lo, hi = builder.ids, builder.ids.image_code(0), builder.ids.image_code(CODEBOOK)
@@ -183,6 +184,7 @@ def _generation_prompts(builder, dataset, users=(0, 1, 2)):
 @pytest.mark.parametrize('decoding', generation.DECODINGS)
 def test_generated_codes_are_whole_pictures_of_codes_only(dataset, generator, decoding):
   cfg, graphdef, params = generator
+  datasets.fit_model_to_dataset(cfg, dataset)
   builder = datasets.make_builder(cfg, dataset)
   tokens, images, lengths = _generation_prompts(builder, dataset)
   for seed in range(3):  # hot sampling from a random model: unconstrained, most tokens would not be codes
@@ -226,6 +228,7 @@ def test_the_judge_tells_held_out_colours_and_scores_pictures_consistently(datas
   assert judge.labels['colour'] == list(dataset.manifest['extra']['colours'])
   assert judge.accuracy['colour'] > 0.5 > 1 / 8  # cold items, never trained on
   cfg, graphdef, params = generator
+  datasets.fit_model_to_dataset(cfg, dataset)
   builder = datasets.make_builder(cfg, dataset)
   users, targets = np.asarray([0, 1, 2, 3]), np.asarray([len(dataset.user(u).interactions) - 1 for u in range(4)])
   items = generation.target_items(dataset, users, targets)

@@ -28,6 +28,7 @@ INSTRUCTION_WORDS = {'recommendation': 'next item recommended', 'search': 'Query
 def _builder(dataset, content, **data):
   cfg = config_lib.base_config()
   cfg.data.update(dict(path=dataset.path, item_content=content, seq_len=320, num_images=8, history=4), **data)
+  datasets.fit_model_to_dataset(cfg, dataset)
   return cfg, datasets.make_builder(cfg, dataset)
 
 
@@ -151,6 +152,7 @@ def test_training_with_semantic_ids(dataset, trained):
     saved = json.load(f)
   assert saved['source'] == 'towers'
   cfg = config_lib.load('configs/tiny.py', (f'data.path={dataset.path}', *SEMANTIC))
+  datasets.fit_model_to_dataset(cfg, dataset)
   builder = datasets.make_builder(cfg, dataset, str(tmp_path))
   np.testing.assert_array_equal(builder.item_codes, saved['codes'])
   assert cfg.model.lm.added_vocab_size == out['added']

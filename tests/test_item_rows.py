@@ -23,6 +23,7 @@ def _model(dataset, content='image+text', rows='content'):
   cfg = config_lib.base_config()
   cfg.model.item_embeddings = rows
   cfg.data.update(path=dataset.path, item_content=content, batch_size=2)
+  datasets.fit_model_to_dataset(cfg, dataset)
   builder = datasets.make_builder(cfg, dataset)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   graphdef, params = nnx.split(unimp.create_sharded(cfg.model, mesh, cfg.mesh.rules, seed=0))

@@ -138,6 +138,7 @@ def test_builder_writes_semantic_ids_and_keeps_them_for_the_run(dataset, tmp_pat
   cfg = _cfg(dataset, str(tmp_path / 'emb.npy'))
   config_lib.validate(cfg, 8)
   workdir = str(tmp_path / 'run')
+  datasets.fit_model_to_dataset(cfg, dataset)
   builder = datasets.make_builder(cfg, dataset, workdir)
   plain = tokenizer_lib.TokenIds(dataset.tokenizer().unimp_layout)
   assert cfg.model.lm.added_vocab_size == plain.added_vocab_size + 2 * 4 + 12  # from the config alone

@@ -96,13 +96,11 @@ def fit_model_to_dataset(cfg, dataset: formats.UnifiedDataset) -> None:
 
 def make_builder(cfg, dataset: formats.UnifiedDataset, workdir: str | None = None, params=None,
                  graphdef=None) -> prompts.TaskBuilder:
-  """The one place a task builder is made from a config: training, evaluation and prediction.
-
-  Fits `cfg.model.lm` to the dataset (as `fit_model_to_dataset`). With `data.item_ids = 'semantic'` the
-  items' codes are WORKDIR's saved ones, or are computed (from `data.semantic.embeddings`, or from the
-  model `params`/`graphdef` the run starts from) and saved there; see unimp_jax.data.semantic_ids.
+  """The one place a task builder is made from a config: training, evaluation and prediction. The model's
+  vocabulary is fitted before, once (`unimp_jax.runs`). With `data.item_ids = 'semantic'` the items' codes
+  are WORKDIR's saved ones, or are computed (from `data.semantic.embeddings`, or from the model
+  `params`/`graphdef` the run starts from) and saved there; see unimp_jax.data.semantic_ids.
   """
-  fit_model_to_dataset(cfg, dataset)
   tokenizer, codes, pictures = dataset.tokenizer(), None, image_codes(cfg, dataset)
   if pictures is not None:  # before any semantic id tokens: the layout puts img_k right after the items
     tokenizer = tokenizer_lib.with_image_code_tokens(tokenizer, pictures.codebook_size)
