@@ -91,11 +91,55 @@ def test_changing_image_k_leaves_everything_before_it_unchanged():
     assert np.abs(out[:, pos:] - base[:, pos:]).max() > 1e-4
 
 
+def _attention_reference(q, k, v, mask):
+  """float64 numpy: softmax(q k' / sqrt(d)) v per head, query head h reading key head h // (H / K), masked
+  positions left out; a row with none left averages every position (finite, where -inf would give NaN)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  logits = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(q.shape[-1])
+  allowed = np.broadcast_to(mask[:, None], logits.shape)
+  logits = np.where(allowed, logits, -np.inf)
+  logits = np.where(allowed.any(-1, keepdims=True), logits, 0.0)  # no position left: the plain average
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum('bhts,bshd->bthd', probs, v)
+
+
+@pytest.mark.parametrize('heads,kv_heads,dtype,tol', [(4, 4, jnp.float32, 1e-5), (8, 2, jnp.float32, 1e-5),
+                                                     (8, 2, jnp.bfloat16, 3e-2)])
+def test_attention_equals_a_numpy_reference_under_causal_padding_and_cross_masks(heads, kv_heads, dtype, tol):
+  """The causal mask with right padding, and a cross-attention mask with rows that may see no picture."""
+  from unimp_jax.model import layers
+  rng = np.random.default_rng(0)
+  b, t, s, d = 2, 12, 12, 16
+  q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in ((b, t, heads, d), (b, s, kv_heads, d),
+                                                                      (b, s, kv_heads, d)))
+  causal = np.tril(np.ones((t, s), bool))[None] & (np.arange(s) < np.array([[12], [7]]))[:, None]
+  cross = rng.random((b, t, s)) < 0.3
+  cross[:, :3] = False  # tokens before any picture
+  for mask in (causal, cross, None):
+    out = layers.attention(*(jnp.asarray(x, dtype) for x in (q, k, v)), None if mask is None else jnp.asarray(mask))
+    expected = _attention_reference(q, k, v, np.ones((b, t, s), bool) if mask is None else mask)
+    assert out.dtype == dtype and not np.isnan(np.asarray(out, np.float32)).any()
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=tol, rtol=0)
+
+
+def test_cudnn_attention_is_refused_off_nvidia_gpus():
+  cfg = config_lib.base_config()
+  cfg.model.attention = 'cudnn'
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.attention.*NVIDIA GPUs; this process runs on cpu"):
+    config_lib.validate(cfg, jax.device_count())
+  cfg.model.attention = 'flash'
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.attention.*'flash'"):
+    config_lib.validate(cfg, jax.device_count())
+
+
 @pytest.mark.parametrize('mode', ['previous', 'all'])
 def test_cross_attention_sees_the_images_the_media_mask_allows(mode):
   lm = CFG.model.lm
   block = GatedCrossAttention(lm, CFG.model.vision.width, dtype=jnp.float32, param_dtype=jnp.float32,
-                              stack=(), rngs=nnx.Rngs(0))
+                              stack=(), attention='xla', rngs=nnx.Rngs(0))
   block.alpha_attn[...] = jnp.ones_like(block.alpha_attn[...])
   num_images, num_latents, length = 3, 4, 24
   positions = (4, 10, 17)

@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -47,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'   # storage dtype of parameters (and optimizer state)
   c.model.remat = 'none'            # what the backward pass recomputes, per scanned block
   c.model.scan_layers = True        # False: layers written out (unrolled); see unimp_jax.model.layers.scan
+  c.model.attention = 'xla'         # jax.nn.dot_product_attention's implementation: 'xla', or 'cudnn' (NVIDIA GPUs)
   c.model.vision = ml_collections.ConfigDict(dict(
       image_size=32, patch_size=8, channels=3, width=64, depth=2, mlp_dim=256, num_heads=4,
       act='quick_gelu', norm_eps=1e-5))
@@ -189,8 +191,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int
   m, v, c, lm = cfg.model, cfg.model.vision, cfg.model.connector, cfg.model.lm
   for key, choices in (('model.dtype', DTYPES), ('model.param_dtype', DTYPES), ('model.remat', REMAT),
                        ('model.vision.act', ACTIVATIONS), ('model.lm.media_mask', MEDIA_MASKS),
-                       ('model.lm.alpha_type', ALPHA_TYPES), ('model.lm.rope_scaling.type', layers.ROPE_SCALINGS)):
+                       ('model.lm.alpha_type', ALPHA_TYPES), ('model.lm.rope_scaling.type', layers.ROPE_SCALINGS),
+                       ('model.attention', layers.ATTENTION)):
     _check_choice(cfg, key, choices)
+  _check(m.attention != 'cudnn' or jax.default_backend() == 'gpu', 'model.attention',
+         f"'cudnn' is cuDNN's fused attention for NVIDIA GPUs; this process runs on {jax.default_backend()}: use 'xla'")
   rope = lm.rope_scaling
   _check(math.isfinite(rope.factor) and rope.factor > 0, 'model.lm.rope_scaling.factor', f'{rope.factor}: must be > 0')
   _check(rope.type != 'llama3' or 0 < rope.low_freq_factor < rope.high_freq_factor, 'model.lm.rope_scaling',

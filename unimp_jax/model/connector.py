@@ -13,10 +13,10 @@ from unimp_jax.sharding.mesh import constrain
 class PerceiverBlock(nnx.Module):
   """Latents attend over [image tokens; latents] (Flamingo), then a ReLU MLP; both residual."""
 
-  def __init__(self, cfg, width: int, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
+  def __init__(self, cfg, width: int, *, dtype, param_dtype, stack, attention: str, rngs: nnx.Rngs):
     inner, hidden = cfg.num_heads * cfg.head_dim, cfg.mlp_ratio * width
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-    self.num_heads = cfg.num_heads
+    self.num_heads, self.attention = cfg.num_heads, attention
     self.context_norm = layers.LayerNorm(width, eps=cfg.norm_eps, **kw)
     self.latents_norm = layers.LayerNorm(width, eps=cfg.norm_eps, **kw)
     self.q = layers.Dense(width, inner, ('embed', 'heads'), **kw)
@@ -39,18 +39,19 @@ class PerceiverBlock(nnx.Module):
     v = self.v(both).reshape(b, both.shape[1], self.num_heads, -1)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    latents_bld = latents_bld + self.o(layers.attention(q, k, v).reshape(b, num_latents, -1))
+    latents_bld = latents_bld + self.o(layers.attention(q, k, v, implementation=self.attention).reshape(b, num_latents, -1))
     latents_bld = latents_bld + self.proj(jax.nn.relu(self.fc(self.mlp_norm(latents_bld))))
     return constrain(latents_bld, ('act_batch', 'act_seq', 'act_embed'))
 
 
 class PerceiverResampler(nnx.Module):
 
-  def __init__(self, cfg, width: int, *, dtype, param_dtype, remat: str, unroll: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg, width: int, *, dtype, param_dtype, remat: str, unroll: bool = False, attention: str = 'xla',
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype, self.remat, self.unroll = dtype, remat, unroll
     self.latents = layers.param(rngs, layers.normal(1.0), (cfg.num_latents, width), (None, 'embed'), param_dtype)
-    self.blocks = PerceiverBlock(cfg, width, stack=(cfg.depth,), **kw)
+    self.blocks = PerceiverBlock(cfg, width, stack=(cfg.depth,), attention=attention, **kw)
     self.norm = layers.LayerNorm(width, eps=cfg.norm_eps, **kw)
 
   def __call__(self, context_bpd: jax.Array) -> jax.Array:

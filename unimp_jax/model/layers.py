@@ -134,23 +134,19 @@ def rope(x_bthd: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
   return (x_bthd * cos + rotated * sin).astype(x_bthd.dtype)
 
 
-def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
-              mask_bts: jax.Array | None = None) -> jax.Array:
-  """Scaled dot-product attention with grouped-query heads (H = K * groups); softmax in float32.
+ATTENTION = ('xla', 'cudnn')  # `model.attention`: jax.nn.dot_product_attention's implementations
 
-  Masked logits get the dtype's minimum rather than -inf, so a fully masked row gives a finite
-  (uniform) average instead of NaN; callers zero such rows where they matter (see the gated
-  cross-attention).
+
+def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array | None = None,
+              implementation: str = 'xla') -> jax.Array:
+  """Scaled dot-product attention with grouped-query heads (H = K * groups), by
+  `jax.nn.dot_product_attention`: 'xla' everywhere, 'cudnn' (fused flash attention) on NVIDIA GPUs.
+
+  A fully masked row gives a finite (uniform) average, not NaN; callers zero such rows where they matter
+  (see the gated cross-attention). Tested against a float64 numpy reference (tests/test_model.py).
   """
-  b, t, h, d = q_bthd.shape
-  k = k_bskd.shape[2]
-  q = q_bthd.reshape(b, t, k, h // k, d)
-  logits = jnp.einsum('btkgd,bskd->bkgts', q, k_bskd, preferred_element_type=jnp.float32) * d**-0.5
-  if mask_bts is not None:
-    logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v_bskd)
-  return out.reshape(b, t, h, d)
+  mask = None if mask_bts is None else mask_bts[:, None]
+  return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask, implementation=implementation)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

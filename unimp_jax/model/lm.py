@@ -32,10 +32,11 @@ class SwiGLU(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-RMSNorm self-attention (RoPE, grouped-query; q/k/v biases for Qwen2) and SwiGLU MLP."""
 
-  def __init__(self, cfg, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, stack, attention: str, rngs: nnx.Rngs):
     d, hd = cfg.width, cfg.width // cfg.num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.dropout = cfg.num_heads, cfg.num_kv_heads, cfg.dropout
+    self.attention = attention
     self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     bias = cfg.qkv_bias
     self.q = layers.Dense(d, cfg.num_heads * hd, ('embed', 'heads'), use_bias=bias, **kw)
@@ -57,7 +58,7 @@ class DecoderLayer(nnx.Module):
     if cache_kv is not None:
       k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
-    out = layers.attention(constrain(q, ('act_batch', 'act_seq', 'act_heads', None)), k, v, mask_bts)
+    out = layers.attention(constrain(q, ('act_batch', 'act_seq', 'act_heads', None)), k, v, mask_bts, self.attention)
     x_btd = x_btd + layers.dropout(self.o(out.reshape(b, t, -1)), self.dropout, keys[0])
     x_btd = x_btd + layers.dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout, keys[1])
     return constrain(x_btd, ACT_BTD), (None if cache_kv is None else (k, v))
@@ -73,10 +74,10 @@ class GatedCrossAttention(nnx.Module):
   not gated by images.
   """
 
-  def __init__(self, cfg, vision_width: int, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
+  def __init__(self, cfg, vision_width: int, *, dtype, param_dtype, stack, attention: str, rngs: nnx.Rngs):
     d, hd = cfg.width, cfg.width // cfg.num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-    self.num_heads, self.dtype, self.dropout = cfg.num_heads, dtype, cfg.dropout
+    self.num_heads, self.dtype, self.dropout, self.attention = cfg.num_heads, dtype, cfg.dropout, attention
     self.attn_norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     self.q = layers.Dense(d, cfg.num_heads * hd, ('embed', 'heads'), **kw)
     self.k = layers.Dense(vision_width, cfg.num_heads * hd, ('embed', 'heads'), **kw)
@@ -104,7 +105,7 @@ class GatedCrossAttention(nnx.Module):
     q = self.q(self.attn_norm(x_btd)).reshape(b, t, self.num_heads, -1)
     if self.q_norm is not None:
       q = self.q_norm(q)
-    out = self.o(layers.attention(q, k_bmhd, v_bmhd, mask_btm).reshape(b, t, -1))
+    out = self.o(layers.attention(q, k_bmhd, v_bmhd, mask_btm, self.attention).reshape(b, t, -1))
     out = layers.dropout(out * gate_bt[..., None].astype(out.dtype), self.dropout, keys[0])
     x_btd = x_btd + jnp.tanh(self.alpha_attn[...].astype(self.dtype)) * out
     mlp = layers.dropout(self.mlp(self.mlp_norm(x_btd)), self.dropout, keys[1])
@@ -128,7 +129,7 @@ class LanguageModel(nnx.Module):
   """
 
   def __init__(self, cfg, vision_width: int, *, dtype, param_dtype, remat: str, unroll: bool = False,
-               rngs: nnx.Rngs):
+               attention: str = 'xla', rngs: nnx.Rngs):
     d, v, a = cfg.width, cfg.vocab_size, cfg.added_vocab_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.dtype, self.remat, self.unroll, self.dropout = v, dtype, remat, unroll, cfg.dropout
@@ -137,7 +138,7 @@ class LanguageModel(nnx.Module):
     self.cache_dims = (num_groups, cfg.cross_attn_every, cfg.num_kv_heads, d // cfg.num_heads)
     self.embed = layers.param(rngs, layers.normal(0.02), (v, d), ('vocab', 'embed'), param_dtype)
     self.added_embed = layers.param(rngs, layers.normal(0.02), (a, d), (None, 'embed'), param_dtype)
-    self.groups = DecoderGroup(cfg, vision_width, stack=(num_groups,), **kw)
+    self.groups = DecoderGroup(cfg, vision_width, stack=(num_groups,), attention=attention, **kw)
     self.norm = layers.RMSNorm(d, eps=cfg.norm_eps, **kw)
     self.tie_embeddings = cfg.tie_embeddings
     if not cfg.tie_embeddings:

@@ -52,7 +52,8 @@ class UniMP(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, unroll=not cfg.scan_layers, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, unroll=not cfg.scan_layers,
+              attention=cfg.attention, rngs=rngs)
     self.vision = VisionEncoder(cfg.vision, **kw)
     self.connector = PerceiverResampler(cfg.connector, cfg.vision.width, **kw)
     self.lm = LanguageModel(cfg.lm, cfg.vision.width, **kw)

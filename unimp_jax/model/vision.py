@@ -23,10 +23,10 @@ def normalize(images_uint8: jax.Array, dtype=jnp.float32) -> jax.Array:
 class VisionLayer(nnx.Module):
   """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
-  def __init__(self, cfg, *, dtype, param_dtype, stack, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, stack, attention: str, rngs: nnx.Rngs):
     d, f = cfg.width, cfg.mlp_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-    self.num_heads, self.act = cfg.num_heads, cfg.act
+    self.num_heads, self.act, self.attention = cfg.num_heads, cfg.act, attention
     self.norm1 = layers.LayerNorm(d, eps=cfg.norm_eps, **kw)
     self.q = layers.Dense(d, d, ('embed', 'heads'), use_bias=True, **kw)
     self.k = layers.Dense(d, d, ('embed', 'heads'), use_bias=True, **kw)
@@ -40,7 +40,7 @@ class VisionLayer(nnx.Module):
     b, t, d = x_btd.shape
     h = self.norm1(x_btd)
     q, k, v = (proj(h).reshape(b, t, self.num_heads, -1) for proj in (self.q, self.k, self.v))
-    x_btd = x_btd + self.o(layers.attention(q, k, v).reshape(b, t, d))
+    x_btd = x_btd + self.o(layers.attention(q, k, v, implementation=self.attention).reshape(b, t, d))
     h = self.fc2(layers.ACTIVATIONS[self.act](self.fc1(self.norm2(x_btd))))
     return constrain(x_btd + h, ('act_batch', 'act_seq', 'act_embed'))
 
@@ -52,7 +52,8 @@ class VisionEncoder(nnx.Module):
   token only; Flamingo and IDEFICS feed that unnormalised last hidden state to the resampler.
   """
 
-  def __init__(self, cfg, *, dtype, param_dtype, remat: str, unroll: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, remat: str, unroll: bool = False, attention: str = 'xla',
+               rngs: nnx.Rngs):
     d, p, c = cfg.width, cfg.patch_size, cfg.channels
     num_patches = (cfg.image_size // p) ** 2
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -61,7 +62,7 @@ class VisionEncoder(nnx.Module):
     self.class_embed = layers.param(rngs, layers.normal(1.0), (d,), ('embed',), param_dtype)
     self.pos_embed = layers.param(rngs, layers.normal(0.02), (num_patches + 1, d), (None, 'embed'), param_dtype)
     self.pre_norm = layers.LayerNorm(d, eps=cfg.norm_eps, **kw)
-    self.blocks = VisionLayer(cfg, stack=(cfg.depth,), **kw)
+    self.blocks = VisionLayer(cfg, stack=(cfg.depth,), attention=attention, **kw)
     self.post_norm = layers.LayerNorm(d, eps=cfg.norm_eps, **kw)
 
   def __call__(self, images_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
