@@ -87,3 +87,20 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(data, tmp_path):
   with checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'), save_every=3, keep=3) as checkpointer:
     assert checkpointer.latest_step() == last_logged
     assert checkpointer.restore_config(last_logged)['train']['steps'] == 1000
+
+
+def test_a_diverged_step_is_named_and_nothing_past_it_is_logged_or_saved(tmp_path, data):
+  """Metrics are read one step late, while the next step runs. A step whose loss is not finite still ends
+  the run naming that step (here the first after a learning rate of 1e30 takes effect: step 1 warms up
+  from 0), with every earlier step logged once and the step after it neither logged nor saved (it is a
+  checkpoint step)."""
+  from unimp_jax import config
+  from unimp_jax.train import trainer
+  cfg = config.load('configs/tiny.py', (f'data.path={data}', 'train.steps=8', 'checkpoint.every=2',
+                                        'train.learning_rate=1e30'))
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(trainer.TrainingDiverged, match=r'^step 3: loss nan .* not finite; the last good checkpoint '
+                                                     r'is at step 2$'):
+    trainer.train(cfg, workdir)
+  assert [r['step'] for r in report.read_metrics(os.path.join(workdir, 'metrics.jsonl'))] == [1, 2]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']

@@ -168,42 +168,60 @@ def train(cfg, workdir: str) -> Run:
   def more_steps() -> bool:
     return step < cfg.train.steps and not stopping and not stopped_early
 
-  step, local, stopped_early = start, first, out_of_patience(start)
+  def scalars_of(done) -> dict:
+    """The host side of a finished step: its metrics fetched, checked and turned into logged scalars."""
+    at, metrics, local, dispatched = done
+    metrics = jax.device_get(metrics)  # waits for the step; the next one is already queued behind it
+    seconds = time.perf_counter() - max(dispatched, timer['finished'])
+    timer['finished'] = time.perf_counter()
+    if not metrics['finite']:
+      raise TrainingDiverged(f'step {at}: loss {metrics["loss"]} / gradient norm {metrics["grad_norm"]} is not '
+                             f'finite; the last good checkpoint is at step {checkpointer.latest_step()}')
+    images = int((local['image_items'] >= 0).sum())
+    scalars = {k: float(v) for k, v in metrics.items() if k != 'finite' and np.isfinite(v)}
+    scalars.update(learning_rate=float(learning_rate(at - 1)), step_seconds=seconds,
+                   tokens_per_second=local['tokens'].size / seconds, images_per_second=images / seconds)
+    mfu = metrics_lib.mfu(flops_per_step, seconds, jax.device_count(), jax.devices()[0].device_kind)
+    if mfu is not None:
+      scalars['mfu'] = mfu
+    return scalars
+
+  def log(at: int, scalars: dict) -> None:
+    writer.write(at, scalars)
+    progress.update(1)
+    if at % cfg.train.log_every == 0 or at == 1:
+      progress.set_postfix(loss=f'{scalars["loss"]:.3f}', grad_norm=f'{scalars["grad_norm"]:.2f}',
+                           tokens_per_s=f'{scalars["tokens_per_second"]:.0f}')
+
+  # Each step's metrics are read one step late: the host dispatches step N, then fetches step N - 1's numbers
+  # (already computed) and the next batch while the devices run step N. A step that is evaluated or saved,
+  # and the last one (every way out of the loop saves), is read at once: no state is scored or saved past a
+  # step that diverged, and none is left unread.
+  step, local, stopped_early, pending, timer = start, first, out_of_patience(start), None, {'finished': 0.0}
   try:
     with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
       while more_steps():
-        begin = time.perf_counter()
+        dispatched = time.perf_counter()
         batch = pipeline.global_batch(step_lib.step_inputs(local), mesh, cfg.mesh.rules)
         state, metrics = compiled(state, batch, catalogue)
-        metrics = jax.device_get(metrics)
-        seconds = time.perf_counter() - begin
         step += 1
+        if pending is not None:
+          log(pending[0], scalars_of(pending))
+        pending = (step, metrics, local, dispatched)
         stopping = any_process(stop['signal'])
-        if not metrics['finite']:
-          raise TrainingDiverged(f'step {step}: loss {metrics["loss"]} / gradient norm {metrics["grad_norm"]} is '
-                                 f'not finite; the last good checkpoint is at step {checkpointer.latest_step()}')
-        images = int((local['image_items'] >= 0).sum())
-        scalars = {k: float(v) for k, v in metrics.items() if k != 'finite' and np.isfinite(v)}
-        scalars.update(learning_rate=float(learning_rate(step - 1)), step_seconds=seconds,
-                       tokens_per_second=local['tokens'].size / seconds, images_per_second=images / seconds)
-        mfu = metrics_lib.mfu(flops_per_step, seconds, jax.device_count(), jax.devices()[0].device_kind)
-        if mfu is not None:
-          scalars['mfu'] = mfu
-        valid = None
-        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-          valid = validation_metrics(cfg, graphdef, state['params'], builder)
-          scalars.update(valid)
-          say(f'step {step}: validation {cfg.eval.metric} {valid[f"valid/{cfg.eval.metric}"]:.4f}')
-        if valid is not None or checkpointer.should_save(step) or stopping or step == cfg.train.steps:
+        evaluate_now = cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps)
+        if evaluate_now or checkpointer.should_save(step) or stopping or step == cfg.train.steps:
+          scalars, pending = scalars_of(pending), None
+          valid = None
+          if evaluate_now:
+            valid = validation_metrics(cfg, graphdef, state['params'], builder)
+            scalars.update(valid)
+            say(f'step {step}: validation {cfg.eval.metric} {valid[f"valid/{cfg.eval.metric}"]:.4f}')
           begin = time.perf_counter()
           checkpointer.save(step, state, data_iterator=batches, config=cfg, metrics=valid, force=True)
           scalars['checkpoint_blocking_seconds'] = time.perf_counter() - begin  # the rest is asynchronous
-        stopped_early = valid is not None and out_of_patience(step)  # the best step moves only with a score
-        writer.write(step, scalars)
-        progress.update(1)
-        if step % cfg.train.log_every == 0 or step == 1:
-          progress.set_postfix(loss=f'{scalars["loss"]:.3f}', grad_norm=f'{scalars["grad_norm"]:.2f}',
-                               tokens_per_s=f'{scalars["tokens_per_second"]:.0f}')
+          stopped_early = valid is not None and out_of_patience(step)  # the best step moves only with a score
+          log(step, scalars)
         if more_steps():
           local = next(batches)
     if stopped_early:
