@@ -36,7 +36,8 @@ def get_config(arg='3b'):
   # every step; at this scale precompute item embeddings instead (data.item_ids=semantic).
   c.model.item_embeddings = 'learned'
   c.mesh.update(data=1, fsdp=-1)
-  c.data.update(batch_size=48, seq_len=1024, num_images=10)
+  # Ten 224 px pictures per example are decoded and batched by Grain worker processes (per host), beside the step.
+  c.data.update(batch_size=48, seq_len=1024, num_images=10, workers=8)
   # With data.item_ids=semantic: TIGER's 3 levels of 256 codes (+ the collision level) for real catalogues.
   c.data.semantic.update(levels=3, codebook=256, max_collisions=64)
   # The paper's recipe: AdamW 2e-4, cosine with 1% warm-up, clip 1.0, weight decay 0.1 on cross-attention
