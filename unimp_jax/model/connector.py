@@ -39,7 +39,8 @@ class PerceiverBlock(nnx.Module):
     v = self.v(both).reshape(b, both.shape[1], self.num_heads, -1)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    latents_bld = latents_bld + self.o(layers.attention(q, k, v, implementation=self.attention).reshape(b, num_latents, -1))
+    out = layers.attention(q, k, v, implementation=self.attention)
+    latents_bld = latents_bld + self.o(out.reshape(b, num_latents, -1))
     latents_bld = latents_bld + self.proj(jax.nn.relu(self.fc(self.mlp_norm(latents_bld))))
     return constrain(latents_bld, ('act_batch', 'act_seq', 'act_embed'))
 
