@@ -7,7 +7,8 @@
 #   TPU=... ZONE=... bash launch/tpu_vm.sh tail JOB       follow worker 0's log
 #   TPU=... ZONE=... bash launch/tpu_vm.sh stop JOB       stop the job on every worker
 # `run` starts the main job in the background on all workers (it survives a dropped ssh), each writing
-# ~/JOB.log; WORKDIR should be a gs:// path (checkpoints, metrics and the report go there).
+# ~/JOB.log. WORKDIR must be a directory every worker sees, e.g. a Filestore mount: gs:// paths are not
+# supported yet (docs/LAUNCH.md).
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
 REPO=${REPO:-unimp_jax}
