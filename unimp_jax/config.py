@@ -26,7 +26,7 @@ from unimp_jax.model import items, layers
 from unimp_jax.sharding import mesh as mesh_lib
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-REMAT = ('none', 'full', 'dots', 'dots_no_batch')
+REMAT = tuple(layers.REMAT_POLICIES)  # what a scanned block's backward pass keeps (model.remat)
 ACTIVATIONS = ('quick_gelu', 'gelu')
 MEDIA_MASKS = ('previous', 'all')
 ALPHA_TYPES = ('float', 'vector')

@@ -27,9 +27,9 @@ from unimp_jax.train import checkpoint as checkpoint_lib
 def resolve(cfg, dataset: formats.UnifiedDataset, explicit=None) -> tuple[int, int, int]:
   """Fits `cfg` to `dataset` and returns the mesh shape. A key in `explicit` (default: this process's
   command-line overrides) that the pretrained config.json or the dataset changes is an error naming both
-  values; the preset's own values yield to those facts."""
+  values; the preset's own values yield to those facts. The config is validated once fitted: before, a
+  preset completed by a config.json may not be valid yet."""
   explicit = config_lib.command_line_overrides() if explicit is None else explicit
-  config_lib.validate(cfg, jax.device_count())  # the preset's own mistakes, before any fact is read
   before = config_lib.flat(cfg)
   pretrained.fit_config(cfg, dataset)
   datasets.fit_model_to_dataset(cfg, dataset)
