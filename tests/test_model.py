@@ -230,7 +230,7 @@ def _graphdef(**model_overrides):
   return unimp.abstract_model(cfg.model)[0]
 
 
-@pytest.mark.parametrize('setting', [{'remat': 'full'}, {'remat': 'offload_dots_no_batch'}, {'scan_layers': False}])
+@pytest.mark.parametrize('setting', [{'remat': 'full'}, {'scan_layers': False}])
 def test_remat_and_unrolled_layers_change_the_program_not_the_numbers(setting):
   tokens, images = _batch(length=24, image_positions=(3, 12), num_images=2)
   _, state = nnx.split(_model(alpha=0.5))

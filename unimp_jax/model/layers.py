@@ -167,9 +167,6 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_saveable,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # The same matmul outputs kept, but in host memory: the backward pass copies them back instead of
-    # recomputing them, so they take no accelerator memory between the passes.
-    'offload_dots_no_batch': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 
 
