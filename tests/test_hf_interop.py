@@ -173,6 +173,23 @@ def test_a_run_that_never_read_pictures_exports_as_the_lm_alone(tmp_path, data):
   assert files.read_json(str(tmp_path / 'lm'))['architectures'] == ['LlamaForCausalLM']
 
 
+def test_the_export_and_its_card_are_the_step_the_run_hands_on(tmp_path, data):
+  """Without --step, export takes the step a run hands on: with validation, the best-scored one, here the
+  first of two. Its card names that step (it used to name the newest)."""
+  cfg = _config(data, 2, False, False, 4)
+  cfg.eval.every = 1
+  key = f'valid/{cfg.eval.metric}'
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(_model(cfg))))
+  workdir = str(tmp_path / 'run')
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=2, best_metric=key,
+                                   async_save=False) as ckpt:
+    for step, score in ((1, 0.9), (2, 0.1)):
+      ckpt.save(step, {'params': params}, config=cfg, metrics={key: score}, force=True)
+  out = export.export(workdir, str(tmp_path / 'hf'), lm_only=True)
+  with open(os.path.join(out, 'README.md')) as f:
+    assert 'at training step 1.' in f.read()
+
+
 def test_a_run_with_the_item_pool_is_refused_before_anything_is_written(tmp_path, data):
   cfg = _config(data, 2, False, False, 4)
   cfg.model.item_pool = True  # no Hugging Face model adds the mean item embedding to its inputs

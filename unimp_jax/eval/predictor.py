@@ -122,9 +122,9 @@ def check_request(num_items: int, num_slots: int, *, history=(), new_items=(), t
 class Predictor:
   """A trained model, its task builder and compiled functions, ready to answer for any history."""
 
-  def __init__(self, cfg, graphdef, params, dataset: formats.UnifiedDataset, workdir: str):
-    """`params` as trained (a checkpoint's); content item rows are written in here (model.items)."""
-    self.cfg, self.graphdef, self.dataset, self.workdir = cfg, graphdef, dataset, workdir
+  def __init__(self, cfg, graphdef, params, dataset: formats.UnifiedDataset, workdir: str, step: int | None = None):
+    """`params` as trained (a checkpoint's, of `step`); content item rows are written in here (model.items)."""
+    self.cfg, self.graphdef, self.dataset, self.workdir, self.step = cfg, graphdef, dataset, workdir, step
     self.builder = datasets.make_builder(cfg, dataset, workdir)
     self.params = items.inference_params(graphdef, params, self.builder)
 
@@ -133,7 +133,7 @@ class Predictor:
     """A main-job or benchmark run directory's checkpoint at `step` (default: the step the run hands on;
     unimp_jax.runs.load)."""
     run = runs.load(workdir, step)
-    return cls(run.cfg, run.graphdef, run.params, run.dataset, workdir)
+    return cls(run.cfg, run.graphdef, run.params, run.dataset, workdir, run.step)
 
   # ---- one example from a history ------------------------------------------------------------------
   def history_view(self, history: list):

@@ -194,8 +194,6 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
     refuse_idefics_without_pictures(saved.data.item_content)
   predictor = Predictor.from_workdir(workdir, step)
   cfg, tokenizer = predictor.cfg, predictor.builder.tokenizer
-  if step is None:
-    step = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   config = hf_config(cfg.model, tokenizer, lm_only=lm_only, dtype=dtype)
   params = jax.tree.map(np.asarray, jax.device_get(predictor.params))
   parent = os.path.dirname(out)
@@ -209,14 +207,14 @@ def export(checkpoint: str, out: str, *, step: int | None = None, lm_only: bool 
     GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, do_sample=False).save_pretrained(tmp)
     with open(os.path.join(tmp, 'README.md'), 'w') as f:
-      f.write(model_card(cfg, predictor.dataset, step, config.architectures[0], tokenizer))
+      f.write(model_card(cfg, predictor.dataset, predictor.step, config.architectures[0], tokenizer))
     if os.path.exists(out):
       shutil.rmtree(out)
     os.replace(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  print(f'wrote {out}: {config.architectures[0]}, step {step}, {shards} shard(s)')
+  print(f'wrote {out}: {config.architectures[0]}, step {predictor.step}, {shards} shard(s)')
   return out
 
 
@@ -224,7 +222,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='A run directory (or its checkpoints/).')
   parser.add_argument('--out', required=True)
-  parser.add_argument('--step', type=int, default=None, help='Default: the newest checkpoint.')
+  parser.add_argument('--step', type=int, default=None,
+                      help='Default: the step the run hands on (the best validated with eval.every, else the newest).')
   parser.add_argument('--lm_only', action='store_true', help='The language model alone (LlamaForCausalLM).')
   parser.add_argument('--max_shard_size', default='2GB')
   parser.add_argument('--overwrite', action='store_true')
