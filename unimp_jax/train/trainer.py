@@ -170,10 +170,11 @@ def train(cfg, workdir: str) -> Run:
 
   def scalars_of(done) -> dict:
     """The host side of a finished step: its metrics fetched, checked and turned into logged scalars."""
+    nonlocal finished
     at, metrics, local, dispatched = done
     metrics = jax.device_get(metrics)  # waits for the step; the next one is already queued behind it
-    seconds = time.perf_counter() - max(dispatched, timer['finished'])
-    timer['finished'] = time.perf_counter()
+    seconds = time.perf_counter() - max(dispatched, finished)  # from when it started, or the previous ended
+    finished = time.perf_counter()
     if not metrics['finite']:
       raise TrainingDiverged(f'step {at}: loss {metrics["loss"]} / gradient norm {metrics["grad_norm"]} is not '
                              f'finite; the last good checkpoint is at step {checkpointer.latest_step()}')
@@ -197,7 +198,7 @@ def train(cfg, workdir: str) -> Run:
   # (already computed) and the next batch while the devices run step N. A step that is evaluated or saved,
   # and the last one (every way out of the loop saves), is read at once: no state is scored or saved past a
   # step that diverged, and none is left unread.
-  step, local, stopped_early, pending, timer = start, first, out_of_patience(start), None, {'finished': 0.0}
+  step, local, stopped_early, pending, finished = start, first, out_of_patience(start), None, 0.0
   try:
     with mesh_lib.use_mesh(mesh, cfg.mesh.rules):
       while more_steps():
